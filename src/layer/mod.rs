@@ -1,0 +1,3 @@
+//! Container layer identity and synchronisation.
+
+pub mod types;

@@ -1,0 +1,19 @@
+//! zlayer-storage: persistent container upper layers kept in S3.
+//!
+//! - [`archive`]: overlay-exact, deterministic PAX+zstd archives of upper dirs, and safe extraction.
+//! - [`store`]: object stores (S3 with crash-resumable multipart uploads; a local directory).
+//! - [`state`]: the SQLite state database (sync state, pending uploads, parts).
+//! - [`layer`]: [`LayerSyncManager`], which syncs and restores a container identity's layer.
+//! - [`snapshotter`]: the containerd proxy snapshotter.
+
+pub mod archive;
+pub mod config;
+pub mod layer;
+pub mod proto;
+pub mod snapshotter;
+pub mod state;
+pub mod store;
+pub mod sys;
+
+pub use config::{Config, LayerStorageConfig, SnapshotterConfig};
+pub use layer::types::{CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState};

@@ -1,0 +1,1 @@
+//! snapshotter (in progress)
