@@ -1,1 +1,5 @@
-//! Integration tests against real components.
+//! Integration tests against real components (Garage, containerd, overlayfs).
+//! Tests that need a component skip with a printed reason only when not in CI (`CI` unset);
+//! in CI a missing component is a failure.
+
+mod util;

@@ -1,0 +1,85 @@
+//! Command-line interface (clap derive). Each subcommand maps to one file in `cmd/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Persistent container upper layers kept in S3.
+#[derive(Debug, Parser)]
+#[command(name = "zlayer-storage", version, about)]
+pub struct Cli {
+    /// Configuration file [default: /etc/zlayer/storage.toml, built-in defaults if absent].
+    #[arg(long, global = true, env = "ZLAYER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Archive an upper dir and upload it as the identity's current layer.
+    Sync(SyncArgs),
+    /// Restore the identity's current layer into a new directory.
+    Restore(RestoreArgs),
+    /// Show sync state and pending uploads.
+    Status(StatusArgs),
+    /// Abort stale multipart uploads and finish interrupted ones.
+    Gc,
+    /// Print version information.
+    Version,
+    /// Run the containerd proxy snapshotter.
+    Snapshotter(Box<SnapshotterArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Identity as SERVICE/INSTANCE.
+    #[arg(long)]
+    pub id: String,
+    /// The upper dir to archive.
+    pub upper: PathBuf,
+    /// Print the resulting snapshot as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Identity as SERVICE/INSTANCE.
+    #[arg(long)]
+    pub id: String,
+    /// Target directory (must not exist, or be empty).
+    pub target: PathBuf,
+    /// Write opaque markers as `user.overlay.opaque` (for overlay mounts with `userxattr`).
+    #[arg(long)]
+    pub userxattr: bool,
+    /// Print the restored snapshot as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotterArgs {
+    /// Snapshotter root (snapshot dirs, metadata, outbox).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Unix socket to serve the Snapshots API on.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// containerd socket for container-label lookups.
+    #[arg(long)]
+    pub containerd_address: Option<PathBuf>,
+}
