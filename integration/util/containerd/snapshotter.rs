@@ -1,0 +1,382 @@
+//! The `zlayer-storage snapshotter` daemon as a test fixture: generated config, kill -9, restart
+//! on the same directories, wipe (node loss), and a view of what reached the object store.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use zlayer_storage::config::{
+    BackendKind, Config, LayerStorageConfig, OnBaseChange, PersistPolicy,
+};
+
+use super::procs::{signal, stop_child};
+
+/// Path of the binary under test (built by cargo for integration tests).
+pub const BIN: &str = env!("CARGO_BIN_EXE_zlayer-storage");
+
+/// Every object key (S3, under the configured prefix) or relative file path (local) in the store.
+pub fn store_keys(storage: &LayerStorageConfig) -> Vec<String> {
+    match storage.backend {
+        BackendKind::Local => {
+            let mut out = Vec::new();
+            walk_files(&storage.local_store_dir, &storage.local_store_dir, &mut out);
+            out.sort();
+            out
+        }
+        BackendKind::S3 => {
+            let client = s3_client(storage);
+            block_on(async {
+                let mut keys = Vec::new();
+                let mut pages = client
+                    .list_objects_v2()
+                    .bucket(&storage.bucket)
+                    .prefix(&storage.prefix)
+                    .into_paginator()
+                    .send();
+                while let Some(page) = pages.next().await {
+                    let page = page.expect("list objects in the test bucket");
+                    keys.extend(
+                        page.contents()
+                            .iter()
+                            .filter_map(|o| o.key().map(str::to_string)),
+                    );
+                }
+                keys.sort();
+                keys
+            })
+        }
+    }
+}
+
+/// Multipart uploads in progress under the store's prefix: (key, parts uploaded so far).
+pub fn uploads_in_progress(storage: &LayerStorageConfig) -> Vec<(String, usize)> {
+    assert_eq!(
+        storage.backend,
+        BackendKind::S3,
+        "multipart uploads exist only in S3"
+    );
+    let client = s3_client(storage);
+    block_on(async {
+        let listed = client
+            .list_multipart_uploads()
+            .bucket(&storage.bucket)
+            .prefix(&storage.prefix)
+            .send()
+            .await
+            .expect("list multipart uploads");
+        let mut out = Vec::new();
+        for upload in listed.uploads() {
+            let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                continue;
+            };
+            // The upload may complete between the two calls; then it no longer counts.
+            if let Ok(parts) = client
+                .list_parts()
+                .bucket(&storage.bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+            {
+                out.push((key.to_string(), parts.parts().len()));
+            }
+        }
+        out
+    })
+}
+
+fn walk_files(base: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            walk_files(base, &p, out);
+        } else if let Ok(rel) = p.strip_prefix(base) {
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+}
+
+fn s3_client(storage: &LayerStorageConfig) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Builder, Credentials, Region};
+    let secret_file = storage
+        .secret_access_key_file
+        .as_ref()
+        .expect("test S3 config has a secret file");
+    let secret = fs::read_to_string(secret_file).expect("read S3 secret file");
+    let conf = Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(
+            storage
+                .endpoint_url
+                .as_deref()
+                .expect("test S3 config has an endpoint"),
+        )
+        .region(Region::new(
+            storage
+                .region
+                .clone()
+                .unwrap_or_else(|| "us-east-1".to_string()),
+        ))
+        .credentials_provider(Credentials::new(
+            storage
+                .access_key_id
+                .as_deref()
+                .expect("test S3 config has a key id"),
+            secret.trim(),
+            None,
+            None,
+            "zlayer-e2e",
+        ))
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// Settings of one snapshotter daemon.
+#[derive(Debug, Clone)]
+pub struct SnapshotterOptions {
+    /// The store; `staging_dir` and `state_db_path` are replaced by paths in the daemon's dir.
+    pub storage: LayerStorageConfig,
+    pub persist: PersistPolicy,
+    pub on_base_change: OnBaseChange,
+}
+
+impl SnapshotterOptions {
+    /// Defaults of the shipped config (policy `labeled`) on the given store.
+    pub fn new(storage: LayerStorageConfig) -> Self {
+        Self {
+            storage,
+            persist: PersistPolicy::default(),
+            on_base_change: OnBaseChange::default(),
+        }
+    }
+
+    /// A local-directory store at `dir`, with 5 MiB parts.
+    pub fn local(dir: &Path) -> Self {
+        let storage = LayerStorageConfig {
+            backend: BackendKind::Local,
+            local_store_dir: dir.to_path_buf(),
+            part_size_bytes: zlayer_storage::config::MIN_PART_SIZE,
+            ..LayerStorageConfig::default()
+        };
+        Self::new(storage)
+    }
+}
+
+/// A running (or stopped) `zlayer-storage snapshotter` with all its state under one directory.
+#[derive(Debug)]
+pub struct SnapshotterDaemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    config_path: PathBuf,
+    cli_config_path: PathBuf,
+    log_path: PathBuf,
+    options: SnapshotterOptions,
+    child: Option<Child>,
+}
+
+impl SnapshotterDaemon {
+    /// Writes the config under `dir` and starts the daemon; returns once the socket accepts.
+    pub fn start(
+        dir: &Path,
+        socket: &Path,
+        containerd_address: &Path,
+        options: SnapshotterOptions,
+    ) -> Self {
+        fs::create_dir_all(dir).expect("create snapshotter dir");
+        let mut daemon = Self {
+            dir: dir.to_path_buf(),
+            socket: socket.to_path_buf(),
+            config_path: dir.join("storage.toml"),
+            cli_config_path: dir.join("cli.toml"),
+            log_path: dir.join("snapshotter.log"),
+            options,
+            child: None,
+        };
+        daemon.write_configs(containerd_address);
+        daemon.spawn();
+        daemon
+    }
+
+    fn write_configs(&self, containerd_address: &Path) {
+        let mut cfg = Config {
+            storage: self.options.storage.clone(),
+            ..Config::default()
+        };
+        let s = &mut cfg.storage;
+        s.staging_dir = self.staging_dir();
+        s.state_db_path = self.state_db_path();
+        cfg.snapshotter.root = self.root();
+        cfg.snapshotter.socket = self.socket.clone();
+        cfg.snapshotter.containerd_address = containerd_address.to_path_buf();
+        cfg.snapshotter.persist = self.options.persist;
+        cfg.snapshotter.on_base_change = self.options.on_base_change;
+        fs::write(
+            &self.config_path,
+            toml::to_string(&cfg).expect("serialize config"),
+        )
+        .expect("write config");
+
+        // The CLI gets its own state DB and staging dir so it never contends with the daemon.
+        cfg.storage.staging_dir = self.dir.join("cli-staging");
+        cfg.storage.state_db_path = self.dir.join("cli-state.sqlite");
+        fs::write(
+            &self.cli_config_path,
+            toml::to_string(&cfg).expect("serialize config"),
+        )
+        .expect("write cli config");
+    }
+
+    /// Starts the daemon process on the existing config and waits for its socket.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "snapshotter already running");
+        let (out, err) = log_file(&self.log_path);
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("snapshotter")
+            .env("RUST_LOG", "info,zlayer_storage=debug")
+            .env_remove("ZLAYER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30));
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                panic!(
+                    "snapshotter exited during startup: {status}\n{}",
+                    self.log()
+                );
+            }
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snapshotter socket not ready after {timeout:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, no chance to clean up (the crash case).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), Signal::KILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Graceful stop (SIGTERM, SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// Stops the daemon and removes its root, state DB and staging dir: a node that lost its disk.
+    pub fn wipe(&mut self) {
+        self.kill9();
+        for dir in [
+            self.root(),
+            self.staging_dir(),
+            self.dir.join("cli-staging"),
+        ] {
+            if dir.exists() {
+                fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("wipe {}: {e}", dir.display()));
+            }
+        }
+        for db in [self.state_db_path(), self.dir.join("cli-state.sqlite")] {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let _ = fs::remove_file(format!("{}{suffix}", db.display()));
+            }
+        }
+    }
+
+    /// Snapshotter root (`[snapshotter] root`).
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// State database path (`[storage] state_db_path`).
+    pub fn state_db_path(&self) -> PathBuf {
+        self.dir.join("state.sqlite")
+    }
+
+    /// Staging dir (`[storage] staging_dir`).
+    pub fn staging_dir(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+
+    /// Everything the daemon logged so far (across restarts).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Runs the CLI (`zlayer-storage --config <cli config> ARGS`) against the same store with a
+    /// private state DB, e.g. `restore --id web/0 DIR` to prove a layer is durable.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .args(["-k", "5", "300", BIN, "--config"])
+            .arg(&self.cli_config_path)
+            .args(args)
+            .env_remove("ZLAYER_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+    }
+}
+
+impl Drop for SnapshotterDaemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- snapshotter log ({}) ---\n{}",
+                self.log_path.display(),
+                tail(&self.log(), 200)
+            );
+        }
+        self.stop();
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Opens (creating) a log file for a child's stdout and stderr.
+pub fn log_file(path: &Path) -> (File, File) {
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open log file");
+    (f.try_clone().expect("dup log"), f)
+}
