@@ -3,3 +3,4 @@
 //! in CI a missing component is a failure.
 
 mod util;
+mod snapshotter_conformance;

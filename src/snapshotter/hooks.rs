@@ -1,0 +1,127 @@
+//! The persistence seam: what the core tells a persistence layer, and when.
+//!
+//! The core is a plain overlay snapshotter. Persistence (keeping containers' upper dirs in the
+//! object store) plugs in through [`PersistenceHooks`]; [`NoPersistence`] is the default and
+//! makes the snapshotter behave exactly like containerd's overlayfs snapshotter.
+//!
+//! | Hook | Called | Lock | May block on S3? | Failure |
+//! |---|---|---|---|---|
+//! | [`on_prepare`](PersistenceHooks::on_prepare) | after a new Active/View is recorded and its directory is in place | none | yes (restore) | the snapshot is removed again and Prepare fails with the hook's error |
+//! | [`on_mounts`](PersistenceHooks::on_mounts) | on every Mounts of an Active/View, before replying | none | yes (first Mounts after a reboot or on a new node restores here) | Mounts fails with the hook's error |
+//! | [`on_commit`](PersistenceHooks::on_commit) | inside the metadata transaction, after usage is measured, before it commits | metadata | **no**: containerd holds its own write transaction | the commit is rolled back |
+//! | [`on_remove`](PersistenceHooks::on_remove) | inside the metadata transaction, before the record's deletion commits | metadata | **no**: containerd's GC lock is held | the record stays; the error is returned |
+//!
+//! `on_remove` decides where the directory goes: [`RemoveDisposition::Trash`] (the core moves it
+//! to `trash/` and deletes it in the background) or [`RemoveDisposition::Claimed`], meaning the
+//! hook has already moved `snapshot_dir` out of `snapshots/` (a rename into a durable outbox on
+//! the same filesystem) and recorded that durably; the core then only deletes the record. If
+//! the process dies between the hook's rename and the record's deletion, the record remains
+//! with its directory missing; the core logs such records at start, and the persistence layer
+//! resolves them from its outbox.
+//!
+//! Hooks are synchronous and run on the blocking pool; an implementation that needs async
+//! I/O can use `tokio::runtime::Handle::block_on` from there. Returning
+//! [`SnapshotError::Unavailable`](super::SnapshotError::Unavailable) maps to gRPC `Unavailable` (containerd retries); a
+//! `FailedPrecondition` error from `on_remove` makes containerd's GC skip the snapshot and retry
+//! at a later pass.
+
+use std::fmt::Debug;
+use std::path::Path;
+
+use super::error::Result;
+use super::key::BackendKey;
+use super::types::{Kind, Labels, Usage};
+
+/// A parent layer of a snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct ParentRef<'a> {
+    /// Backend key of the committed parent.
+    pub key: &'a str,
+    /// Its `fs` directory (a lower dir of the overlay).
+    pub fs: &'a Path,
+}
+
+/// A new Active or View snapshot (Prepare or View), or an existing one at Mounts.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotEvent<'a> {
+    pub key: &'a str,
+    /// The parsed key when it came from containerd's metadata layer.
+    pub backend_key: Option<BackendKey<'a>>,
+    pub kind: Kind,
+    /// The parent chain, nearest first.
+    pub parents: &'a [ParentRef<'a>],
+    /// Labels stored with the snapshot (only `containerd.io/snapshot/*` and the ref label when
+    /// containerd is the caller).
+    pub labels: &'a Labels,
+    /// The upper dir (`fs`) the caller will mount.
+    pub upper: &'a Path,
+}
+
+/// An Active snapshot being committed.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitEvent<'a> {
+    /// The Active key, which disappears.
+    pub key: &'a str,
+    /// The new Committed name.
+    pub name: &'a str,
+    /// Labels the Active snapshot had.
+    pub active_labels: &'a Labels,
+    /// Labels of the Committed snapshot (only those given to Commit).
+    pub labels: &'a Labels,
+    /// The directory, reused by the Committed snapshot.
+    pub upper: &'a Path,
+    pub usage: Usage,
+}
+
+/// A snapshot being removed.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoveEvent<'a> {
+    pub key: &'a str,
+    pub backend_key: Option<BackendKey<'a>>,
+    pub kind: Kind,
+    pub labels: &'a Labels,
+    /// `snapshots/<id>`, holding `fs` (and `work` for Active).
+    pub snapshot_dir: &'a Path,
+}
+
+/// Who takes care of a removed snapshot's directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveDisposition {
+    /// The core moves it to the trash and deletes it asynchronously.
+    Trash,
+    /// The hook has moved it out of `snapshots/` already (for example into an upload outbox).
+    Claimed,
+}
+
+/// Persistence callbacks; every method defaults to "do nothing", the plain overlay behaviour.
+pub trait PersistenceHooks: Send + Sync + Debug {
+    /// A snapshot was created; restore its upper dir here if its identity is already known.
+    fn on_prepare(&self, event: &SnapshotEvent<'_>) -> Result<()> {
+        let _ = event;
+        Ok(())
+    }
+
+    /// Mounts is about to return; make sure the upper dir is complete before it does.
+    fn on_mounts(&self, event: &SnapshotEvent<'_>) -> Result<()> {
+        let _ = event;
+        Ok(())
+    }
+
+    /// An Active snapshot is being committed; queue work durably, do not upload here.
+    fn on_commit(&self, event: &CommitEvent<'_>) -> Result<()> {
+        let _ = event;
+        Ok(())
+    }
+
+    /// A snapshot is being removed; claim its directory or leave it to the trash.
+    fn on_remove(&self, event: &RemoveEvent<'_>) -> Result<RemoveDisposition> {
+        let _ = event;
+        Ok(RemoveDisposition::Trash)
+    }
+}
+
+/// The default: no persistence, containerd's overlay behaviour.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPersistence;
+
+impl PersistenceHooks for NoPersistence {}
