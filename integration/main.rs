@@ -4,3 +4,4 @@
 
 mod util;
 mod snapshotter_conformance;
+mod store_s3;

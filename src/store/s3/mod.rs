@@ -550,10 +550,6 @@ impl ObjectStore for S3Store {
         let cutoff = SystemTime::now()
             .checked_sub(older_than)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let cutoff_secs = cutoff
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
         let known = journal.known_upload_ids().await?;
         let mut stale = Vec::new();
         let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
@@ -572,7 +568,10 @@ impl ObjectStore for S3Store {
                 let (Some(key), Some(id)) = (up.key(), up.upload_id()) else {
                     continue;
                 };
-                let old = up.initiated().is_some_and(|t| t.secs() < cutoff_secs);
+                let old = up
+                    .initiated()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .is_some_and(|t| t < cutoff);
                 if old {
                     stale.push((key.to_string(), id.to_string()));
                 }
