@@ -196,28 +196,32 @@ impl Snapshotter {
         Ok(self.build_mounts(kind, id, &parent_fs))
     }
 
-    /// Temp dir, record, rename into place: a crash leaves either a `new-*` leftover or an
-    /// unreferenced `snapshots/<id>`, both reconciled at start, never a record without its dir.
+    /// Record first (for the id), then `new-<id>` renamed to `<id>`, all before the record
+    /// commits. No directory fsync is needed: if the rename or the mkdir is lost to a power
+    /// failure, start-up rolls `new-<id>` forward or recreates the (still empty) layout; a
+    /// crash before the commit leaves only unreferenced directories, which go to the trash.
     fn materialize(&self, tx: &Connection, info: &Info, parent_id: Option<i64>) -> Result<i64> {
-        let temp = fsops::create_temp(&self.snapshots, info.kind)?;
+        let id = meta::insert(tx, info)?;
+        let temp = self.temp_dir(id);
+        let dest = self.dir(id);
+        for stale in [&temp, &dest] {
+            // Debris of a create whose record never committed (its id was handed out again).
+            if fs::symlink_metadata(stale).is_ok() {
+                fsops::move_to_trash(stale, &self.trash)?;
+            }
+        }
+        fsops::create_layout(&temp, info.kind)?;
         let result = (|| {
             if let Some(pid) = parent_id {
                 fsops::chown_like(&temp.join("fs"), &self.fs_dir(pid))?;
             }
-            let id = meta::insert(tx, info)?;
-            let dest = self.dir(id);
-            if fs::symlink_metadata(&dest).is_ok() {
-                // Debris of a create that crashed before its record committed.
-                fsops::move_to_trash(&dest, &self.trash)?;
-            }
-            fs::rename(&temp, &dest).map_err(SnapshotError::io("rename into place", &temp))?;
-            fsops::sync_dir(&self.snapshots)?;
-            Ok(id)
+            fs::rename(&temp, &dest).map_err(SnapshotError::io("rename into place", &temp))
         })();
-        if result.is_err() && temp.exists() {
+        if let Err(e) = result {
             fsops::remove_quietly(&temp);
+            return Err(e);
         }
-        result
+        Ok(id)
     }
 
     /// Mounts of an Active or View snapshot.
@@ -403,37 +407,61 @@ impl Snapshotter {
         self.trash_ready.notified().await;
     }
 
-    /// Under the metadata lock (so no create is in flight): trash what no record references.
+    /// Under the metadata lock (so no create is in flight): finish creates whose record
+    /// committed, trash what no record references, and recreate lost layouts of Active/View
+    /// snapshots. A directory with a record is never removed.
     fn reconcile(&self) -> Result<usize> {
-        self.write("reconcile directories", |tx| {
-            let ids = meta::ids(tx)?;
+        let moved = self.write("reconcile directories", |tx| {
+            let records = meta::all(tx)?;
+            let ids: std::collections::HashSet<i64> = records.iter().map(|r| r.id).collect();
             let mut moved = 0;
-            let entries = fs::read_dir(&self.snapshots).map_err(SnapshotError::io("read directory", &self.snapshots))?;
+            let entries =
+                fs::read_dir(&self.snapshots).map_err(SnapshotError::io("read directory", &self.snapshots))?;
             for entry in entries {
                 let entry = entry.map_err(SnapshotError::io("read directory", &self.snapshots))?;
                 let name = entry.file_name();
-                let referenced = name.to_str().and_then(|n| n.parse::<i64>().ok()).is_some_and(|id| ids.contains(&id));
-                if !referenced {
-                    fsops::move_to_trash(&entry.path(), &self.trash)?;
-                    moved += 1;
+                let name = name.to_str().unwrap_or_default();
+                let (id, pending) = match name.strip_prefix(fsops::TEMP_PREFIX) {
+                    Some(rest) => (rest.parse::<i64>().ok(), true),
+                    None => (name.parse::<i64>().ok(), false),
+                };
+                match id.filter(|id| ids.contains(id)) {
+                    Some(id) if pending && fs::symlink_metadata(self.dir(id)).is_err() => {
+                        tracing::warn!(id, "finishing a snapshot creation interrupted by a crash");
+                        fs::rename(entry.path(), self.dir(id)).map_err(SnapshotError::io("rename into place", entry.path()))?;
+                    }
+                    Some(_) if !pending => {}
+                    _ => {
+                        fsops::move_to_trash(&entry.path(), &self.trash)?;
+                        moved += 1;
+                    }
                 }
             }
-            for id in &ids {
-                if fs::symlink_metadata(self.dir(*id)).is_err() {
-                    tracing::error!(id, dir = %self.dir(*id).display(), "snapshot record has no directory");
+            for rec in &records {
+                if fs::symlink_metadata(self.dir(rec.id)).is_ok() {
+                    continue;
+                }
+                if rec.info.kind == Kind::Committed {
+                    tracing::error!(key = %rec.info.name, dir = %self.dir(rec.id).display(), "committed snapshot has lost its directory");
+                } else {
+                    tracing::warn!(key = %rec.info.name, "snapshot directory was lost before its first use; recreating it empty");
+                    fsops::create_layout(&self.dir(rec.id), rec.info.kind)?;
                 }
             }
             Ok(moved)
-        })
-        .inspect(|&moved| {
-            if moved > 0 {
-                self.trash_ready.notify_one();
-            }
-        })
+        })?;
+        if moved > 0 {
+            self.trash_ready.notify_one();
+        }
+        Ok(moved)
     }
 
     fn dir(&self, id: i64) -> PathBuf {
         self.snapshots.join(id.to_string())
+    }
+
+    fn temp_dir(&self, id: i64) -> PathBuf {
+        self.snapshots.join(format!("{}{id}", fsops::TEMP_PREFIX))
     }
 
     fn fs_dir(&self, id: i64) -> PathBuf {

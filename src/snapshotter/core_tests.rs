@@ -372,6 +372,34 @@ fn restart_keeps_records_and_paths_and_collects_debris() {
 }
 
 #[test]
+fn start_up_finishes_committed_creates_whose_rename_was_lost() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let s = open(d.path());
+        layer(&s, "base", "");
+        s.prepare("c", "base", Labels::new()).unwrap();
+        s.view("v", "", Labels::new()).unwrap();
+    }
+    let snaps = d.path().join("snapshots");
+    // Power loss after the record committed: one rename lost, one directory lost entirely.
+    fs::rename(snaps.join("2"), snaps.join("new-2")).unwrap();
+    fs::remove_dir_all(snaps.join("3")).unwrap();
+    let s = open(d.path());
+    assert!(snaps.join("2/fs").is_dir() && snaps.join("2/work").is_dir());
+    assert!(!snaps.join("new-2").exists());
+    assert!(
+        snaps.join("3/fs").is_dir(),
+        "an empty view layout is recreated"
+    );
+    assert!(!snaps.join("3/work").exists());
+    assert_eq!(s.mounts("c").unwrap()[0].kind, "overlay");
+    assert!(
+        snaps.join("1/fs/base").is_file(),
+        "committed layers are untouched"
+    );
+}
+
+#[test]
 fn a_second_daemon_on_the_same_root_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let _s = open(d.path());

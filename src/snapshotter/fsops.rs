@@ -5,29 +5,19 @@
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::{Result, SnapshotError};
 use super::types::{Kind, Usage};
 
-/// Prefix of snapshot directories still being created; leftovers are crash debris.
+/// Prefix of snapshot directories still being created: `new-<id>`.
 pub const TEMP_PREFIX: &str = "new-";
 
-/// Creates `<snapshots>/new-<unique>` holding `fs` (0755) and, for Active, `work` (0711).
-/// Modes are set explicitly so the daemon's umask does not change them.
-pub fn create_temp(snapshots: &Path, kind: Kind) -> Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = loop {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = chrono::Utc::now().timestamp_subsec_nanos();
-        let candidate = snapshots.join(format!("{TEMP_PREFIX}{}-{nanos}-{n}", std::process::id()));
-        match fs::create_dir(&candidate) {
-            Ok(()) => break candidate,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(SnapshotError::io("create", candidate)(e)),
-        }
-    };
+/// Creates `dir` holding `fs` (0755) and, for Active, `work` (0711). Modes are set explicitly
+/// so the daemon's umask does not change them. On failure nothing is left behind.
+pub fn create_layout(dir: &Path, kind: Kind) -> Result<()> {
+    fs::create_dir(dir).map_err(SnapshotError::io("create", dir))?;
     let result = (|| {
         make_dir(&dir.join("fs"), 0o755)?;
         if kind == Kind::Active {
@@ -35,11 +25,10 @@ pub fn create_temp(snapshots: &Path, kind: Kind) -> Result<PathBuf> {
         }
         Ok(())
     })();
-    if let Err(e) = result {
-        remove_quietly(&dir);
-        return Err(e);
+    if result.is_err() {
+        remove_quietly(dir);
     }
-    Ok(dir)
+    result
 }
 
 fn make_dir(path: &Path, mode: u32) -> Result<()> {
@@ -53,13 +42,6 @@ pub fn chown_like(target: &Path, reference: &Path) -> Result<()> {
     let meta = fs::metadata(reference).map_err(SnapshotError::io("stat", reference))?;
     std::os::unix::fs::lchown(target, Some(meta.uid()), Some(meta.gid()))
         .map_err(SnapshotError::io("chown", target))
-}
-
-/// Flushes a directory's entries (a rename into it) to disk.
-pub fn sync_dir(path: &Path) -> Result<()> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(SnapshotError::io("sync", path))
 }
 
 /// `du` of a tree: allocated bytes (`st_blocks * 512`) and distinct inodes, the root included;
@@ -149,27 +131,30 @@ pub fn remove_quietly(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     #[test]
-    fn temp_dirs_have_containerd_modes() {
+    fn layouts_have_containerd_modes() {
         let d = tempfile::tempdir().unwrap();
-        let active = create_temp(d.path(), Kind::Active).unwrap();
-        assert!(
-            active
-                .file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with(TEMP_PREFIX)
-        );
+        let active = d.path().join("new-1");
+        create_layout(&active, Kind::Active).unwrap();
         let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(active.join("fs")), 0o755);
         assert_eq!(mode(active.join("work")), 0o711);
-        let view = create_temp(d.path(), Kind::View).unwrap();
-        assert_ne!(view, active);
+        let view = d.path().join("new-2");
+        create_layout(&view, Kind::View).unwrap();
         assert!(view.join("fs").is_dir());
         assert!(!view.join("work").exists());
+        assert!(
+            create_layout(&view, Kind::View).is_err(),
+            "an existing directory is not reused"
+        );
+        assert!(
+            view.join("fs").is_dir(),
+            "and not removed by the failed attempt"
+        );
     }
 
     #[test]

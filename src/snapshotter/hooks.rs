@@ -15,9 +15,11 @@
 //! to `trash/` and deletes it in the background) or [`RemoveDisposition::Claimed`], meaning the
 //! hook has already moved `snapshot_dir` out of `snapshots/` (a rename into a durable outbox on
 //! the same filesystem) and recorded that durably; the core then only deletes the record. If
-//! the process dies between the hook's rename and the record's deletion, the record remains
-//! with its directory missing; the core logs such records at start, and the persistence layer
-//! resolves them from its outbox.
+//! the process dies between the hook's rename and the deletion's commit, the record survives
+//! without its directory; start-up recreates an empty layout for it (as for any Active/View
+//! whose directory was lost), and containerd's next GC calls Remove again. An implementation
+//! must therefore recognise a key that is already in its outbox and answer `Trash` for the
+//! empty directory, never treat it as newer state.
 //!
 //! Hooks are synchronous and run on the blocking pool; an implementation that needs async
 //! I/O can use `tokio::runtime::Handle::block_on` from there. Returning
