@@ -5,3 +5,4 @@
 mod util;
 mod snapshotter_conformance;
 mod store_s3;
+mod layer_cli;

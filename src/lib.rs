@@ -16,4 +16,5 @@ pub mod store;
 pub mod sys;
 
 pub use config::{Config, LayerStorageConfig, SnapshotterConfig};
+pub use layer::LayerSyncManager;
 pub use layer::types::{CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState};

@@ -1,3 +1,20 @@
-//! Container layer identity and synchronisation.
+//! Container layer identity and synchronisation: [`LayerSyncManager`] archives an upper dir,
+//! uploads it content-addressed, and keeps a per-identity manifest in the bucket so any node
+//! can restore the identity's current layer.
 
+mod error;
+mod manager;
+pub mod manifest;
+mod options;
+mod spool;
+#[cfg(test)]
+mod tests;
 pub mod types;
+
+pub use error::LayerError;
+pub use manager::{LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, zstd_library_version};
+pub use manifest::{ArchiveFormat, LayerManifest, LayerMeta, ManifestEntry};
+pub use options::{
+    GcReport, LayerProgress, Phase, ProgressEvent, RestoreOptions, SyncOptions, SyncOutcome,
+    UploadSummary,
+};

@@ -39,7 +39,11 @@ impl ContainerLayerId {
     /// with `_`: `("a_b","c")` → `a%5Fb_c` and `("a","b_c")` → `a_b%5Fc` can never collide.
     #[must_use]
     pub fn to_key(&self) -> String {
-        format!("{}_{}", encode_part(&self.service), encode_part(&self.instance_id))
+        format!(
+            "{}_{}",
+            encode_part(&self.service),
+            encode_part(&self.instance_id)
+        )
     }
 }
 

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Layer sync benchmark: zlayer-storage sync/restore against the obvious shell pipelines, same Garage.
+#
+#   integration/bench/layer.sh            # builds the release binary, generates ~520 MB, runs once
+#
+# Env: ZLAYER_BIN (skip the build), GARAGE_BIN (default: garage on PATH or ~/.cargo/bin/garage),
+#      BENCH_DIR (parent of the scratch dir, default /tmp), BENCH_KEEP=1 (keep the scratch dir).
+# Page cache: cannot be dropped reliably here, so every pipeline runs once on a warm cache (the tree
+# is read once before the first measurement). Prints each time, the ratios and PASS/FAIL per target.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+AWS=/usr/bin/aws
+for tool in "$AWS" zstd tar /usr/bin/time python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
+done
+GARAGE_BIN=${GARAGE_BIN:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
+[ -x "$GARAGE_BIN" ] || { echo "garage not found (set GARAGE_BIN)" >&2; exit 1; }
+
+if [ -z "${ZLAYER_BIN:-}" ]; then
+  cargo build --release --quiet --bin zlayer-storage
+  ZLAYER_BIN=$PWD/target/release/zlayer-storage
+fi
+
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/zlayer-bench.XXXXXX")
+garage_pid=
+cleanup() {
+  [ -n "$garage_pid" ] && kill "$garage_pid" 2>/dev/null && wait "$garage_pid" 2>/dev/null
+  [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# --- Garage, single node on loopback (same recipe as integration/util/garage.rs) ---------------
+s3_port=$(free_port); rpc_port=$(free_port); admin_port=$(free_port)
+mkdir -p "$work/garage/meta" "$work/garage/data"
+cat >"$work/garage/garage.toml" <<EOF
+metadata_dir = "$work/garage/meta"
+data_dir = "$work/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc_port"
+rpc_public_addr = "127.0.0.1:$rpc_port"
+rpc_secret = "$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3_port"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$admin_port"
+admin_token = "$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+EOF
+export AWS_ACCESS_KEY_ID=GKzlayerbench0001
+export AWS_SECRET_ACCESS_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+export AWS_DEFAULT_REGION=garage AWS_REGION=garage
+bucket=layers
+endpoint="http://127.0.0.1:$s3_port"
+GARAGE_DEFAULT_ACCESS_KEY=$AWS_ACCESS_KEY_ID GARAGE_DEFAULT_SECRET_KEY=$AWS_SECRET_ACCESS_KEY \
+  GARAGE_DEFAULT_BUCKET=$bucket RUST_LOG=warn \
+  "$GARAGE_BIN" -c "$work/garage/garage.toml" server --single-node --default-bucket \
+  >"$work/garage/log" 2>&1 &
+garage_pid=$!
+for _ in $(seq 100); do
+  "$AWS" --endpoint-url "$endpoint" s3 ls "s3://$bucket" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+"$AWS" --endpoint-url "$endpoint" s3 ls "s3://$bucket" >/dev/null || { cat "$work/garage/log" >&2; exit 1; }
+
+# --- the tree: many small files plus some large ones, mixed compressibility -----------------
+echo "generating tree in $work/tree ..."
+python3 - "$work/tree" <<'EOF'
+import os, random, sys
+root = sys.argv[1]
+rng = random.Random(42)
+words = [("w%d" % i).encode() for i in range(5000)]
+def text(n):
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) for _ in range(16)) + b"\n"
+    return bytes(out[:n])
+# 30,000 small files (~5 KiB average): config/code-like text and a share of random bytes.
+for i in range(30000):
+    d = os.path.join(root, "small", "d%03d" % (i % 300))
+    os.makedirs(d, exist_ok=True)
+    n = rng.randint(512, 9728)
+    data = os.urandom(n) if i % 4 == 0 else text(n)
+    with open(os.path.join(d, "f%05d" % i), "wb") as f:
+        f.write(data)
+# 12 large files of 30 MiB: half random (incompressible), half log-like text.
+os.makedirs(os.path.join(root, "large"), exist_ok=True)
+chunk = text(1 << 20)
+for i in range(12):
+    with open(os.path.join(root, "large", "big%02d" % i), "wb") as f:
+        for _ in range(30):
+            f.write(os.urandom(1 << 20) if i % 2 == 0 else chunk)
+EOF
+tree_bytes=$(du -sb "$work/tree" | cut -f1)
+echo "tree: $(find "$work/tree" -type f | wc -l) files, $((tree_bytes / 1048576)) MiB"
+tar -C "$work/tree" -cf - . | cat >/dev/null   # warm the page cache
+
+cat >"$work/storage.toml" <<EOF
+[storage]
+backend = "s3"
+bucket = "$bucket"
+prefix = "bench/"
+endpoint_url = "$endpoint"
+region = "garage"
+staging_dir = "$work/staging"
+state_db_path = "$work/state.sqlite"
+EOF
+
+now() { date +%s.%N; }
+# run_timed NAME CMD...: wall time into $t_NAME, peak RSS (KiB) of a timed binary into $rss_NAME.
+run_timed() {
+  local name=$1; shift
+  local start end
+  start=$(now)
+  "$@"
+  end=$(now)
+  printf -v "t_$name" '%s' "$(python3 -c "print(round($end - $start, 3))")"
+}
+rss_of() { awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$1"; }
+
+zl() { /usr/bin/time -v -o "$work/time.$1" "$ZLAYER_BIN" --config "$work/storage.toml" "${@:2}"; }
+
+echo "compress only: tar | zstd -T0 -3 > /dev/null"
+run_timed compress bash -c "tar -C '$work/tree' -cf - . | zstd -q -T0 -3 > /dev/null"
+echo "awscli pipeline: tar | zstd -T0 -3 | aws s3 cp -"
+run_timed aws_up bash -c "tar -C '$work/tree' -cf - . | zstd -q -T0 -3 | '$AWS' --endpoint-url '$endpoint' s3 cp --only-show-errors - 's3://$bucket/awscli/layer.tar.zst'"
+echo "zlayer-storage sync"
+run_timed sync zl sync sync --id bench/0 "$work/tree" >/dev/null
+echo "zlayer-storage sync (unchanged)"
+run_timed resync zl resync sync --id bench/0 "$work/tree" >/dev/null
+echo "awscli restore: aws s3 cp - | zstd -d | tar -x"
+mkdir "$work/aws-restore"
+run_timed aws_down bash -c "'$AWS' --endpoint-url '$endpoint' s3 cp --only-show-errors 's3://$bucket/awscli/layer.tar.zst' - | zstd -q -d | tar -C '$work/aws-restore' -xf -"
+echo "zlayer-storage restore"
+run_timed restore zl restore restore --id bench/0 "$work/restored" >/dev/null
+
+diff -r "$work/tree" "$work/restored" >/dev/null || { echo "FAIL: restored tree differs" >&2; exit 1; }
+
+rss_sync=$(rss_of "$work/time.sync"); rss_restore=$(rss_of "$work/time.restore")
+rss_max=$(( rss_sync > rss_restore ? rss_sync : rss_restore ))
+fail=0
+check() { # check LABEL VALUE OP LIMIT
+  if python3 -c "import sys; sys.exit(0 if $2 $3 $4 else 1)"; then echo "PASS  $1: $2 (target $3 $4)"
+  else echo "FAIL  $1: $2 (target $3 $4)"; fail=1; fi
+}
+ratio() { python3 -c "print(round($1 / $2, 3))"; }
+echo
+echo "== results (warm cache, one run each; tree $((tree_bytes / 1048576)) MiB) =="
+printf '%-44s %8ss\n' "tar | zstd -T0 -3 > /dev/null" "$t_compress" \
+  "tar | zstd -T0 -3 | aws s3 cp -" "$t_aws_up" \
+  "zlayer-storage sync (full)" "$t_sync" \
+  "zlayer-storage sync (unchanged)" "$t_resync" \
+  "aws s3 cp - | zstd -d | tar -x" "$t_aws_down" \
+  "zlayer-storage restore" "$t_restore"
+printf '%-44s %8s MiB\n' "peak RSS sync / restore" "$((rss_sync / 1024)) / $((rss_restore / 1024))"
+echo
+check "sync speed-up over awscli pipeline (x)" "$(ratio "$t_aws_up" "$t_sync")" ">=" 1.5
+check "sync time / compress-only time (x)" "$(ratio "$t_sync" "$t_compress")" "<=" 1.3
+check "restore speed-up over awscli pipeline (x)" "$(ratio "$t_aws_down" "$t_restore")" ">=" 1.3
+check "unchanged re-sync / full sync" "$(ratio "$t_resync" "$t_sync")" "<=" 0.05
+check "peak RSS (MiB)" "$((rss_max / 1024))" "<=" 150
+exit $fail

@@ -1,0 +1,105 @@
+//! Errors of the layer sync manager; each names the identity, key or path it concerns.
+
+use std::path::PathBuf;
+
+use super::types::ContainerLayerId;
+use crate::archive::ArchiveError;
+use crate::state::StateError;
+use crate::store::StoreError;
+
+/// Errors from syncing or restoring a layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayerError {
+    #[error("invalid layer storage configuration")]
+    Config(#[source] Box<crate::config::ConfigError>),
+    #[error("cannot open the object store")]
+    OpenStore(#[source] Box<StoreError>),
+    #[error("cannot open the state database {path}")]
+    OpenState {
+        path: PathBuf,
+        #[source]
+        source: Box<StateError>,
+    },
+    #[error("state database operation failed for {id}")]
+    State {
+        id: ContainerLayerId,
+        #[source]
+        source: Box<StateError>,
+    },
+    #[error("state database operation failed")]
+    StateGlobal(#[source] Box<StateError>),
+    #[error("cannot fingerprint upper dir {path} of {id}")]
+    Fingerprint {
+        id: ContainerLayerId,
+        path: PathBuf,
+        #[source]
+        source: Box<ArchiveError>,
+    },
+    #[error("cannot pack upper dir {path} of {id}")]
+    Pack {
+        id: ContainerLayerId,
+        path: PathBuf,
+        #[source]
+        source: Box<ArchiveError>,
+    },
+    #[error("cannot unpack {key} of {id} into {path}")]
+    Unpack {
+        id: ContainerLayerId,
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: Box<ArchiveError>,
+    },
+    #[error("object store operation on {key} failed")]
+    Store {
+        key: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("manifest {key} is not valid JSON")]
+    BadManifest {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("manifest {key} belongs to {found}, not {id}")]
+    ManifestIdentity {
+        key: String,
+        id: ContainerLayerId,
+        found: ContainerLayerId,
+    },
+    #[error(
+        "manifest {key} kept changing under concurrent writers; gave up after {attempts} attempts"
+    )]
+    ManifestContention { key: String, attempts: u32 },
+    #[error("cannot serialise {what}")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("i/o error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("background task failed")]
+    Join(#[source] tokio::task::JoinError),
+}
+
+pub type Result<T> = std::result::Result<T, LayerError>;
+
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LayerError {
+    let path = path.into();
+    move |source| LayerError::Io { path, source }
+}
+
+pub(crate) fn store(key: impl Into<String>) -> impl FnOnce(StoreError) -> LayerError {
+    let key = key.into();
+    move |source| LayerError::Store {
+        key,
+        source: Box::new(source),
+    }
+}

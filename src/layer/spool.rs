@@ -1,0 +1,289 @@
+//! The staging dir: archives being packed, and packed archives waiting to be published.
+//!
+//! A packed archive is renamed to `ready/{identity}.{digest}.tar.zst` and an intent file is written
+//! next to it *before* the upload starts, so a sync killed mid-upload can be finished later
+//! (blob, metadata and manifest) by `resume_pending`/`gc` without repacking.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::error::{LayerError, Result, io};
+use super::manifest::ArchiveFormat;
+use super::types::{ContainerLayerId, LayerSnapshot};
+
+const INTENT_SUFFIX: &str = ".intent.json";
+const BLOB_SUFFIX: &str = ".tar.zst";
+
+/// A packed archive that still has to be published for an identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub identity: ContainerLayerId,
+    pub snapshot: LayerSnapshot,
+    pub format: ArchiveFormat,
+    pub fingerprint: Option<String>,
+    /// Explicit ordering ticket, if the caller gave one.
+    pub seq: Option<u64>,
+    /// Local ticket taken when the sync started (used when `seq` is `None`).
+    pub ticket: u64,
+    pub base: Option<Vec<String>>,
+    pub started_at: DateTime<Utc>,
+}
+
+/// Paths inside the staging dir.
+#[derive(Debug)]
+pub struct Staging {
+    tmp: PathBuf,
+    ready: PathBuf,
+    counter: AtomicU64,
+}
+
+impl Staging {
+    /// Creates `tmp/` and `ready/` under `root`.
+    pub fn open(root: &Path) -> Result<Self> {
+        let tmp = root.join("tmp");
+        let ready = root.join("ready");
+        for dir in [&tmp, &ready] {
+            std::fs::create_dir_all(dir).map_err(io(dir.clone()))?;
+        }
+        Ok(Self {
+            tmp,
+            ready,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// A fresh, unique path for an archive being packed or downloaded.
+    pub fn temp_path(&self, what: &str) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.tmp.join(format!(
+            "{what}-{}-{nanos}-{n}{BLOB_SUFFIX}",
+            std::process::id()
+        ))
+    }
+
+    /// Where a packed archive waits for publication (unique per identity and digest).
+    pub fn ready_path(&self, id: &ContainerLayerId, digest: &str) -> PathBuf {
+        self.ready
+            .join(format!("{}.{digest}{BLOB_SUFFIX}", id.to_key()))
+    }
+
+    fn intent_path(&self, id: &ContainerLayerId, digest: &str) -> PathBuf {
+        self.ready
+            .join(format!("{}.{digest}{INTENT_SUFFIX}", id.to_key()))
+    }
+
+    /// Moves a packed archive into `ready/` and records what remains to be done, durably.
+    pub fn commit(&self, packed: &Path, intent: &Intent) -> Result<PathBuf> {
+        let blob = self.ready_path(&intent.identity, &intent.snapshot.digest);
+        File::open(packed)
+            .and_then(|f| f.sync_all())
+            .map_err(io(packed))?;
+        std::fs::rename(packed, &blob).map_err(io(&blob))?;
+        self.rewrite_intent(intent)?;
+        Ok(blob)
+    }
+
+    /// Replaces the intent of an already committed archive (new ordering for a retried sync).
+    pub fn rewrite_intent(&self, intent: &Intent) -> Result<()> {
+        let text = serde_json::to_vec_pretty(intent).map_err(|source| LayerError::Serialize {
+            what: "sync intent",
+            source,
+        })?;
+        write_atomic(
+            &self.intent_path(&intent.identity, &intent.snapshot.digest),
+            &text,
+        )
+    }
+
+    /// Deletes a published archive and its intent (intent first: an archive without intent is
+    /// only garbage, an intent without archive would be an unfinishable sync).
+    pub fn finish(&self, id: &ContainerLayerId, digest: &str) -> Result<()> {
+        remove_if_exists(&self.intent_path(id, digest))?;
+        remove_if_exists(&self.ready_path(id, digest))
+    }
+
+    /// Intents left by interrupted syncs, with their archive path.
+    pub fn pending(&self) -> Result<Vec<(Intent, PathBuf)>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.ready).map_err(io(&self.ready))?;
+        for entry in entries {
+            let entry = entry.map_err(io(&self.ready))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !name.ends_with(INTENT_SUFFIX) {
+                continue;
+            }
+            let path = entry.path();
+            let text = std::fs::read(&path).map_err(io(&path))?;
+            let intent: Intent = match serde_json::from_slice(&text) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable sync intent");
+                    continue;
+                }
+            };
+            let blob = self.ready_path(&intent.identity, &intent.snapshot.digest);
+            out.push((intent, blob));
+        }
+        out.sort_by_key(|(intent, _)| intent.started_at);
+        Ok(out)
+    }
+
+    /// Deletes temp files older than `age` and ready archives that have no intent.
+    pub fn sweep(&self, age: Duration) -> Result<u32> {
+        let mut removed = 0;
+        let now = SystemTime::now();
+        let old = |p: &Path| {
+            std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|d| d >= age)
+        };
+        for entry in std::fs::read_dir(&self.tmp).map_err(io(&self.tmp))? {
+            let path = entry.map_err(io(&self.tmp))?.path();
+            if old(&path) {
+                remove_if_exists(&path)?;
+                removed += 1;
+            }
+        }
+        for entry in std::fs::read_dir(&self.ready).map_err(io(&self.ready))? {
+            let path = entry.map_err(io(&self.ready))?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if let Some(stem) = name.strip_suffix(BLOB_SUFFIX)
+                && !self.ready.join(format!("{stem}{INTENT_SUFFIX}")).exists()
+                && old(&path)
+            {
+                remove_if_exists(&path)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Removes a file, treating "already gone" as success.
+pub fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LayerError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Write to a temp file, fsync, rename over `path`, fsync the directory.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(data).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn intent(id: &ContainerLayerId, digest: &str) -> Intent {
+        Intent {
+            identity: id.clone(),
+            snapshot: LayerSnapshot {
+                digest: digest.into(),
+                size_bytes: 1,
+                compressed_size_bytes: 1,
+                created_at: Utc::now(),
+                file_count: 1,
+                uncompressed_digest: "u".into(),
+                unchanged: false,
+            },
+            format: ArchiveFormat {
+                tar_format: "pax-oci-layer".into(),
+                tar_format_version: 1,
+                compression: "zstd".into(),
+                zstd_level: 3,
+                zstd_workers: 2,
+                zstd_library_version: "1.5.7".into(),
+                uncompressed_digest: "u".into(),
+                uncompressed_size: 1,
+                skipped_sockets: 0,
+                overlay_parameters: BTreeMap::new(),
+            },
+            fingerprint: Some("fp".into()),
+            seq: None,
+            ticket: 3,
+            base: None,
+            started_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn commit_pending_finish_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(dir.path()).unwrap();
+        let id = ContainerLayerId::new("s", "i");
+        let tmp = st.temp_path("pack");
+        std::fs::write(&tmp, b"archive").unwrap();
+        let blob = st.commit(&tmp, &intent(&id, "abc")).unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(std::fs::read(&blob).unwrap(), b"archive");
+        let pending = st.pending().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            pending[0].0,
+            intent(&id, "abc").clone_with_times(&pending[0].0)
+        );
+        assert_eq!(pending[0].1, blob);
+        st.finish(&id, "abc").unwrap();
+        assert!(st.pending().unwrap().is_empty());
+        assert!(!blob.exists());
+    }
+
+    #[test]
+    fn sweep_removes_only_old_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(dir.path()).unwrap();
+        let id = ContainerLayerId::new("s", "i");
+        let tmp = st.temp_path("pack");
+        std::fs::write(&tmp, b"x").unwrap();
+        let orphan = st.ready_path(&id, "orphan");
+        std::fs::write(&orphan, b"x").unwrap();
+        let kept_src = st.temp_path("pack");
+        std::fs::write(&kept_src, b"x").unwrap();
+        let kept = st.commit(&kept_src, &intent(&id, "kept")).unwrap();
+        assert_eq!(st.sweep(Duration::from_secs(3600)).unwrap(), 0);
+        assert_eq!(st.sweep(Duration::ZERO).unwrap(), 2);
+        assert!(!tmp.exists() && !orphan.exists());
+        assert!(kept.exists(), "an archive with an intent is never swept");
+    }
+
+    impl Intent {
+        fn clone_with_times(&self, other: &Intent) -> Intent {
+            let mut c = self.clone();
+            c.started_at = other.started_at;
+            c.snapshot.created_at = other.snapshot.created_at;
+            c
+        }
+    }
+}
