@@ -3,6 +3,8 @@
 //! in CI a missing component is a failure.
 
 mod util;
+mod archive_overlay;
 mod snapshotter_conformance;
 mod store_s3;
+mod containerd_e2e;
 mod layer_cli;

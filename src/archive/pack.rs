@@ -1,0 +1,237 @@
+//! Upper dir → OCI-form PAX tar → zstd → spool file, with sha256 of both streams.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tar::EntryType;
+
+use super::error::{ArchiveError, Result, io_err};
+use super::tarout::{EntryMeta, Progress, TarOut};
+use super::walk::{Item, ItemKind, Walker};
+use super::{PackOptions, PackStats, xattr};
+
+/// What walking and writing a tree produced.
+#[derive(Debug, Default)]
+pub struct TreeStats {
+    pub entries: u64,
+    pub skipped_sockets: Vec<PathBuf>,
+}
+
+/// Writes every entry of `upper` (not the end marker) into `out`.
+pub fn write_tree<W: Write>(upper: &Path, out: &mut TarOut<'_, W>) -> Result<TreeStats> {
+    let mut stats = TreeStats::default();
+    let mut walker = Walker::new(upper);
+    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    while let Some(item) = walker.next_item()? {
+        match item.kind {
+            ItemKind::Socket => {
+                tracing::warn!(path = %item.fs_path.display(), "skipping socket: sockets cannot be archived");
+                stats.skipped_sockets.push(item.rel_path);
+            }
+            ItemKind::Whiteout | ItemKind::OpaqueMarker => {
+                // Marker metadata is invisible in the merged view; fixed values keep output stable.
+                out.header(&EntryMeta {
+                    path: &item.tar_path,
+                    etype: EntryType::Regular,
+                    link: None,
+                    mode: 0o600,
+                    uid: 0,
+                    gid: 0,
+                    size: 0,
+                    mtime: (0, 0),
+                    dev: None,
+                    xattrs: &[],
+                    protattr: None,
+                })?;
+                stats.entries += 1;
+            }
+            ItemKind::Node => {
+                write_node(&mut walker, &item, out, &mut links)?;
+                stats.entries += 1;
+            }
+        }
+    }
+    Ok(stats)
+}
+
+fn write_node<W: Write>(
+    walker: &mut Walker,
+    item: &Item,
+    out: &mut TarOut<'_, W>,
+    links: &mut HashMap<(u64, u64), Vec<u8>>,
+) -> Result<()> {
+    let Some(meta) = item.meta.as_ref() else {
+        return Ok(());
+    };
+    let path = &item.fs_path;
+    let ft = meta.file_type();
+    let mtime = (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0));
+    let mut entry = EntryMeta {
+        path: &item.tar_path,
+        etype: EntryType::Regular,
+        link: None,
+        mode: meta.mode(),
+        uid: u64::from(meta.uid()),
+        gid: u64::from(meta.gid()),
+        size: 0,
+        mtime,
+        dev: None,
+        xattrs: &[],
+        protattr: None,
+    };
+    if !ft.is_dir() && meta.nlink() > 1 {
+        match links.entry((meta.dev(), meta.ino())) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                entry.etype = EntryType::Link;
+                entry.link = Some(first.into_mut());
+                return out.header(&entry);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(item.tar_path.clone());
+            }
+        }
+    }
+    let classified = xattr::read_classified(path)?;
+    entry.xattrs = &classified.portable;
+    entry.protattr = classified.protattr.as_deref();
+    if ft.is_dir() {
+        entry.etype = EntryType::Directory;
+        out.header(&entry)?;
+        return walker.descend(item, classified.opaque);
+    }
+    if ft.is_file() {
+        let file = File::open(path).map_err(io_err("open", path))?;
+        entry.size = meta.len();
+        out.header(&entry)?;
+        let sparse = meta.blocks().saturating_mul(512) < meta.len();
+        return out.file_data(&file, path, meta.len(), sparse);
+    }
+    let target;
+    if ft.is_symlink() {
+        target = fs::read_link(path).map_err(io_err("read symlink", path))?;
+        entry.etype = EntryType::Symlink;
+        entry.link = Some(target.as_os_str().as_bytes());
+    } else if ft.is_char_device() || ft.is_block_device() {
+        entry.etype = if ft.is_char_device() {
+            EntryType::Char
+        } else {
+            EntryType::Block
+        };
+        entry.dev = Some((
+            rustix::fs::major(meta.rdev()),
+            rustix::fs::minor(meta.rdev()),
+        ));
+    } else if ft.is_fifo() {
+        entry.etype = EntryType::Fifo;
+    }
+    out.header(&entry)
+}
+
+/// Writes compressed bytes to the spool while hashing them.
+struct HashingFile {
+    file: File,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl Write for HashingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Removes a temp file unless disarmed.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// A unique sibling name for temp files and staging dirs.
+pub fn sibling_temp_name(name: &[u8], tag: &str) -> std::ffi::OsString {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let short = &name[..name.len().min(120)];
+    let mut s = b".".to_vec();
+    s.extend_from_slice(short);
+    s.extend_from_slice(format!(".{tag}.{}.{n}", std::process::id()).as_bytes());
+    std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&s))
+}
+
+pub fn pack_to_file(
+    upper: &Path,
+    spool: &Path,
+    opts: &PackOptions,
+    progress: Progress<'_>,
+) -> Result<PackStats> {
+    let (dir, name) = match (spool.parent(), spool.file_name()) {
+        (Some(d), Some(n)) => (
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            },
+            n,
+        ),
+        _ => {
+            return Err(ArchiveError::Io {
+                op: "create spool",
+                path: spool.to_owned(),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        }
+    };
+    let tmp = dir.join(sibling_temp_name(name.as_bytes(), "tmp"));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err("create spool", &tmp))?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    let compress = |source| ArchiveError::Compress {
+        path: spool.to_owned(),
+        source,
+    };
+    let sink = HashingFile {
+        file,
+        hasher: Sha256::new(),
+        written: 0,
+    };
+    let mut enc = zstd::stream::write::Encoder::new(sink, opts.level).map_err(compress)?;
+    enc.multithread(opts.workers.max(1)).map_err(compress)?;
+    enc.include_checksum(true).map_err(compress)?;
+    let mut out = TarOut::new(enc, spool, true, progress);
+    let tree = write_tree(upper, &mut out)?;
+    let (enc, uncompressed_size, tar_digest) = out.finish()?;
+    let sink = enc.finish().map_err(compress)?;
+    sink.file.sync_all().map_err(io_err("fsync", &tmp))?;
+    fs::rename(&tmp, spool).map_err(io_err("rename spool into", spool))?;
+    guard.0 = None;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))?;
+    Ok(PackStats {
+        digest: hex::encode(sink.hasher.finalize()),
+        uncompressed_digest: tar_digest.unwrap_or_default(),
+        compressed_size: sink.written,
+        uncompressed_size,
+        entries: tree.entries,
+        skipped_sockets: tree.skipped_sockets,
+    })
+}
