@@ -55,7 +55,7 @@ pub fn copy_tree(src: &Path, target: &Path, opts: &UnpackOptions) -> Result<Unpa
     std::thread::scope(|s| {
         let (tx, rx) = sync_channel::<Vec<u8>>(4);
         let producer = s.spawn(move || -> Result<()> {
-            let mut out = TarOut::new(ChanWriter(tx), src, false, None);
+            let mut out = TarOut::new(ChanWriter(tx), src, false, None)?;
             write_tree(src, &mut out)?;
             out.finish().map(|_| ())
         });

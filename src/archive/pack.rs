@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -105,7 +105,12 @@ fn write_node<W: Write>(
         return walker.descend(item, classified.opaque);
     }
     if ft.is_file() {
-        let file = File::open(path).map_err(io_err("open", path))?;
+        // O_NOFOLLOW: a file swapped for a symlink after the walk must not be followed.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_err("open", path))?;
         entry.size = meta.len();
         out.header(&entry)?;
         let sparse = meta.blocks().saturating_mul(512) < meta.len();
@@ -216,7 +221,7 @@ pub fn pack_to_file(
     let mut enc = zstd::stream::write::Encoder::new(sink, opts.level).map_err(compress)?;
     enc.multithread(opts.workers.max(1)).map_err(compress)?;
     enc.include_checksum(true).map_err(compress)?;
-    let mut out = TarOut::new(enc, spool, true, progress);
+    let mut out = TarOut::new(enc, spool, true, progress)?;
     let tree = write_tree(upper, &mut out)?;
     let (enc, uncompressed_size, tar_digest) = out.finish()?;
     let sink = enc.finish().map_err(compress)?;

@@ -7,6 +7,8 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -40,6 +42,42 @@ pub struct EntryMeta<'a> {
     pub protattr: Option<&'a [u8]>,
 }
 
+/// sha256 of the tar stream on its own thread, fed with full buffers that rotate back.
+///
+/// Hashing inline would serialise it with reading files on the producer thread; on its own
+/// thread it overlaps with both reading and the zstd workers.
+struct HashThread {
+    tx: SyncSender<(Box<[u8]>, usize)>,
+    back: Receiver<Box<[u8]>>,
+    handle: JoinHandle<String>,
+}
+
+impl HashThread {
+    fn spawn(spare_buffers: usize) -> io::Result<Self> {
+        let (tx, rx) = sync_channel::<(Box<[u8]>, usize)>(spare_buffers);
+        let (back_tx, back) = sync_channel::<Box<[u8]>>(spare_buffers);
+        for _ in 0..spare_buffers {
+            let _ = back_tx.send(vec![0u8; BUF_SIZE].into_boxed_slice());
+        }
+        let handle = std::thread::Builder::new()
+            .name("zlayer-tar-sha256".to_owned())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for (buf, n) in rx {
+                    h.update(&buf[..n]);
+                    // The writer may be gone after its last buffer; keep hashing what is queued.
+                    let _ = back_tx.send(buf);
+                }
+                hex::encode(h.finalize())
+            })?;
+        Ok(HashThread { tx, back, handle })
+    }
+}
+
+fn hash_thread_gone() -> io::Error {
+    io::Error::other("tar hashing thread stopped")
+}
+
 /// Tar stream writer with an optional sha256 of everything written.
 pub struct TarOut<'a, W: Write> {
     sink: W,
@@ -47,24 +85,34 @@ pub struct TarOut<'a, W: Write> {
     sink_name: PathBuf,
     buf: Box<[u8]>,
     fill: usize,
-    hasher: Option<Sha256>,
+    hasher: Option<HashThread>,
     total: u64,
     progress: Progress<'a>,
     reported: u64,
 }
 
 impl<'a, W: Write> TarOut<'a, W> {
-    pub fn new(sink: W, sink_name: &Path, hash: bool, progress: Progress<'a>) -> Self {
-        TarOut {
+    pub fn new(sink: W, sink_name: &Path, hash: bool, progress: Progress<'a>) -> Result<Self> {
+        let hasher = if hash {
+            Some(
+                HashThread::spawn(2).map_err(|source| ArchiveError::Compress {
+                    path: sink_name.to_owned(),
+                    source,
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok(TarOut {
             sink,
             sink_name: sink_name.to_owned(),
             buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
             fill: 0,
-            hasher: hash.then(Sha256::new),
+            hasher,
             total: 0,
             progress,
             reported: 0,
-        }
+        })
     }
 
     fn sink_err(&self, source: io::Error) -> ArchiveError {
@@ -78,12 +126,17 @@ impl<'a, W: Write> TarOut<'a, W> {
         if self.fill == 0 {
             return Ok(());
         }
-        let chunk = &self.buf[..self.fill];
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(chunk);
-        }
-        if let Err(e) = self.sink.write_all(chunk) {
+        if let Err(e) = self.sink.write_all(&self.buf[..self.fill]) {
             return Err(self.sink_err(e));
+        }
+        if let Some(h) = self.hasher.as_ref() {
+            let next = h
+                .back
+                .recv()
+                .map_err(|_| self.sink_err(hash_thread_gone()))?;
+            let full = std::mem::replace(&mut self.buf, next);
+            h.tx.send((full, self.fill))
+                .map_err(|_| self.sink_err(hash_thread_gone()))?;
         }
         self.total += self.fill as u64;
         self.fill = 0;
@@ -199,7 +252,9 @@ impl<'a, W: Write> TarOut<'a, W> {
 
     /// Streams `size` bytes of `file` as entry data; holes are emitted as zeros without reading.
     pub fn file_data(&mut self, file: &File, path: &Path, size: u64, sparse: bool) -> Result<()> {
-        let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
+        if size > BUF_SIZE as u64 {
+            let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
+        }
         let mut pos = 0u64;
         while pos < size {
             let (is_data, end) = if sparse {
@@ -249,7 +304,18 @@ impl<'a, W: Write> TarOut<'a, W> {
         if let Some(p) = self.progress {
             p(self.total);
         }
-        let digest = self.hasher.take().map(|h| hex::encode(h.finalize()));
+        let digest = match self.hasher.take() {
+            Some(HashThread { tx, back, handle }) => {
+                drop(tx);
+                drop(back);
+                Some(
+                    handle
+                        .join()
+                        .map_err(|_| self.sink_err(hash_thread_gone()))?,
+                )
+            }
+            None => None,
+        };
         Ok((self.sink, self.total, digest))
     }
 }

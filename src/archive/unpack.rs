@@ -335,8 +335,7 @@ pub fn extract_stream<R: Read>(
         let read_err = |e: io::Error| stream_err(e, archive, &name);
         extract_entry(ex, &mut entry, p, &path, &name, archive, &read_err)?;
         // Consume what the entry did not read, so truncation inside it is detected here.
-        let rest = io::copy(&mut entry, &mut io::sink()).map_err(read_err)?;
-        let _ = rest;
+        io::copy(&mut entry, &mut io::sink()).map_err(read_err)?;
         if count.get() < last_end {
             return Err(ArchiveError::Truncated {
                 archive: archive.to_owned(),
