@@ -626,6 +626,18 @@ async fn existing_objects_are_skipped_and_stale_journal_entries_cleared() {
         }
     );
     assert!(db.load_upload("d.tar.zst").await.unwrap().is_none());
+
+    // An object of the wrong size under the key (a truncated copy) is replaced, not kept.
+    store
+        .put_bytes("w.tar.zst", b"truncated".to_vec(), PutCondition::None)
+        .await
+        .unwrap();
+    let r = store
+        .upload_file("w.tar.zst", &src, &db, None)
+        .await
+        .unwrap();
+    assert_eq!((r.parts_sent, r.already_existed), (3, false));
+    assert_object_equals(&store, "w.tar.zst", &src, dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

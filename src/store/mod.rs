@@ -58,7 +58,8 @@ pub struct UploadReport {
     pub parts_sent: u32,
     /// Parts of an interrupted upload that were verified on the server and kept.
     pub parts_reused: u32,
-    /// The object was already complete; nothing was sent.
+    /// The object was found complete instead of being written by this call: it existed before,
+    /// an earlier attempt completed it, or a concurrent writer won the conditional Complete.
     pub already_existed: bool,
 }
 
@@ -93,6 +94,10 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     ) -> Result<u64>;
 
     /// Uploads the immutable file `src` as `key`, resuming a journaled upload of the same key.
+    ///
+    /// Skipped when `key` already exists with the size of `src` (keys are content addressed).
+    /// `progress` also counts bytes that did not need sending (reused parts, existing objects),
+    /// so a progress bar ends at the file size.
     async fn upload_file(
         &self,
         key: &str,

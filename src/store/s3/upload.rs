@@ -59,6 +59,8 @@ struct Job<'a> {
     journal: &'a dyn UploadJournal,
     progress: Option<Progress>,
     layout: Layout,
+    /// Send `If-None-Match: *`: the service enforces it and no (wrong-size) object is to be replaced.
+    if_none_match: bool,
 }
 
 impl Job<'_> {
@@ -125,7 +127,7 @@ pub(super) async fn upload(
             part_size: store.part_size,
         });
     }
-    let job = Job {
+    let mut job = Job {
         store,
         key,
         full,
@@ -137,9 +139,11 @@ pub(super) async fn upload(
             part_size: store.part_size,
             parts: u32::try_from(parts).unwrap_or(u32::MAX),
         },
+        if_none_match: false,
     };
     let journaled = journal.load_upload(key).await?;
-    if job.exists_complete().await? {
+    let existing = store.head(key).await?;
+    if existing.as_ref().is_some_and(|i| i.size == size) {
         if let Some(p) = journaled {
             store.abort_quietly(&job.full, &p.upload_id).await;
             journal.finish_upload(key, &p.upload_id).await?;
@@ -151,6 +155,15 @@ pub(super) async fn upload(
             ..UploadReport::default()
         });
     }
+    if let Some(i) = &existing {
+        tracing::warn!(
+            key,
+            size = i.size,
+            expected = size,
+            "replacing an object of the wrong size"
+        );
+    }
+    job.if_none_match = existing.is_none() && store.conditional_writes().await?;
     // A journaled upload is only resumable for the same spool cut the same way.
     let resumable = match journaled {
         Some(p)
@@ -250,7 +263,6 @@ async fn put_single(job: &Job<'_>) -> Result<UploadReport> {
     } else {
         part_crc(&job.src, 0, size).await?
     };
-    let enforced = job.store.conditional_writes().await?;
     let mut attempt = 0;
     loop {
         let mut req = job
@@ -267,7 +279,7 @@ async fn put_single(job: &Job<'_>) -> Result<UploadReport> {
                 .server_side_encryption(sse.clone())
                 .set_ssekms_key_id(kms.clone());
         }
-        if enforced {
+        if job.if_none_match {
             req = req.if_none_match("*");
         }
         let err = match req.send().await {
@@ -306,7 +318,6 @@ async fn multipart(job: &Job<'_>, mut resume: Option<PendingUpload>) -> Result<U
         parts_total: job.layout.parts,
         ..UploadReport::default()
     };
-    let enforced = job.store.conditional_writes().await?;
     for _ in 0..MAX_ROUNDS {
         let (upload_id, mut done) = match resume.take() {
             Some(p) => match reconcile(job, &p).await? {
@@ -332,7 +343,7 @@ async fn multipart(job: &Job<'_>, mut resume: Option<PendingUpload>) -> Result<U
         report.parts_reused += u32::try_from(done.len()).unwrap_or(u32::MAX);
         job.report_progress(done.values().map(|p| p.size).sum());
         send_missing(job, &upload_id, &mut done, &mut report).await?;
-        let err = match complete(job, &upload_id, &done, enforced).await {
+        let err = match complete(job, &upload_id, &done).await {
             Ok(()) => {
                 job.verify_after_complete().await?;
                 job.journal.finish_upload(job.key, &upload_id).await?;
@@ -601,7 +612,6 @@ async fn complete(
     job: &Job<'_>,
     upload_id: &str,
     done: &BTreeMap<u32, CompletedPart>,
-    if_none_match: bool,
 ) -> Result<()> {
     let parts = done
         .values()
@@ -625,7 +635,7 @@ async fn complete(
                 .set_parts(Some(parts))
                 .build(),
         );
-    if if_none_match {
+    if job.if_none_match {
         req = req.if_none_match("*");
     }
     req.send()
