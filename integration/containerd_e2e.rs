@@ -39,7 +39,7 @@ const EXPECTED_STATE: &str = "hello\ncfg\nnew\nkeep me\n600\n/data/new.txt\nn\nm
 
 /// Garage-backed storage under a prefix unique to this test; `None` means skip (outside CI).
 fn garage_storage(test: &str) -> Option<LayerStorageConfig> {
-    crate::util::garage::storage_config(test)
+    crate::util::garage::garage_or_skip(test).map(|g| g.config(test))
 }
 
 /// `ctr run` through zlayer, with `identity` as the snapshot label when given.

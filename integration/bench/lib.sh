@@ -18,11 +18,15 @@ die() { log "error: $*"; exit 1; }
 
 now_ns() { date +%s%N; }
 
-# wait_for SECONDS DESCRIPTION COMMAND...: retry COMMAND every 0.1 s.
+# wait_for SECONDS DESCRIPTION COMMAND...: retry COMMAND every 0.1 s; fails early when the
+# process WAIT_PID (if set) has exited.
 wait_for() {
     local secs=$1 what=$2; shift 2
     local deadline=$(( $(date +%s) + secs ))
     until "$@" >/dev/null 2>&1; do
+        if [[ -n ${WAIT_PID:-} ]] && ! kill -0 "$WAIT_PID" 2>/dev/null; then
+            die "process for $what exited"
+        fi
         (( $(date +%s) < deadline )) || die "timed out waiting for $what"
         sleep 0.1
     done
@@ -81,7 +85,7 @@ EOF
         RUST_LOG=warn "$GARAGE_BIN" -c "$g/garage.toml" server --single-node --default-bucket \
         >"$g/garage.log" 2>&1 &
     BENCH_PIDS+=($!)
-    wait_for 60 "garage" s3_ s3api head-bucket --bucket "$S3_BUCKET"
+    WAIT_PID=$! wait_for 60 "garage" s3_ s3api head-bucket --bucket "$S3_BUCKET"
 }
 
 # s3_ ARGS...: Debian's awscli v2 against the private Garage.
@@ -120,7 +124,7 @@ persist = "labeled"
 EOF
     RUST_LOG=info "$ZLAYER_BIN" --config "$ZL_CONFIG" snapshotter >"$z/snapshotter.log" 2>&1 &
     BENCH_PIDS+=($!)
-    wait_for 30 "snapshotter socket" python3 -c \
+    WAIT_PID=$! wait_for 30 "snapshotter socket" python3 -c \
         'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])' "$ZL_SOCKET"
 }
 
@@ -150,7 +154,7 @@ EOF
     /usr/bin/containerd --config "$c/config.toml" >"$c/containerd.log" 2>&1 &
     CONTAINERD_PID=$!
     BENCH_PIDS+=("$CONTAINERD_PID")
-    wait_for 30 "containerd" ctr_ version
+    WAIT_PID=$CONTAINERD_PID wait_for 30 "containerd" ctr_ version
 }
 
 ctr_() { /usr/bin/ctr --address "$CTR_ADDRESS" --namespace "$BENCH_NS" "$@"; }

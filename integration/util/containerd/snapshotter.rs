@@ -14,8 +14,14 @@ use zlayer_storage::config::{
 
 use super::procs::{signal, stop_child};
 
-/// Path of the binary under test (built by cargo for integration tests).
-pub const BIN: &str = env!("CARGO_BIN_EXE_zlayer-storage");
+/// The binary under test: cargo's build for this test run, or `$ZLAYER_STORAGE_BIN` (e.g. a
+/// release build) when set.
+pub fn bin() -> PathBuf {
+    std::env::var_os("ZLAYER_STORAGE_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_zlayer-storage")),
+        PathBuf::from,
+    )
+}
 
 /// Every object key (S3, under the configured prefix) or relative file path (local) in the store.
 pub fn store_keys(storage: &LayerStorageConfig) -> Vec<String> {
@@ -245,17 +251,19 @@ impl SnapshotterDaemon {
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "snapshotter already running");
         let (out, err) = log_file(&self.log_path);
-        let child = Command::new(BIN)
+        let bin = bin();
+        let child = Command::new(&bin)
             .arg("--config")
             .arg(&self.config_path)
             .arg("snapshotter")
             .env("RUST_LOG", "info,zlayer_storage=debug")
+            .env("NO_COLOR", "1")
             .env_remove("ZLAYER_CONFIG")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         self.child = Some(child);
         self.wait_ready(Duration::from_secs(30));
     }
@@ -342,13 +350,15 @@ impl SnapshotterDaemon {
     /// private state DB, e.g. `restore --id web/0 DIR` to prove a layer is durable.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new("timeout")
-            .args(["-k", "5", "300", BIN, "--config"])
+            .args(["-k", "5", "300"])
+            .arg(bin())
+            .arg("--config")
             .arg(&self.cli_config_path)
             .args(args)
             .env_remove("ZLAYER_CONFIG")
             .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin().display()))
     }
 }
 
