@@ -492,3 +492,49 @@ fn kill9_during_upload_resumes() {
     );
     assert_eq!(seen.split_whitespace().next(), Some(written.as_str()));
 }
+
+/// The shipped example config parses with every key known (the parser rejects unknown keys) and
+/// passes validation.
+#[test]
+fn packaged_storage_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/storage.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    let cfg = zlayer_storage::Config::from_toml(&text, &path).unwrap();
+    cfg.storage.validate().unwrap();
+    assert_eq!(
+        cfg.snapshotter.persist,
+        zlayer_storage::config::PersistPolicy::Labeled
+    );
+    assert_eq!(
+        cfg.snapshotter.socket,
+        Path::new("/run/zlayer-storage/snapshotter.sock")
+    );
+}
+
+/// The shipped containerd 1.6/1.7 snippet is accepted by containerd 1.6 and registers the proxy
+/// plugin at the socket the example storage config uses.
+#[test]
+fn packaged_containerd_v2_config_is_accepted() {
+    if !require_containerd() {
+        return;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/containerd/config-v2.toml");
+    let out = std::process::Command::new("/usr/bin/containerd")
+        .arg("--config")
+        .arg(&path)
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(dump.contains("[proxy_plugins.zlayer]"), "{dump}");
+    assert!(
+        dump.contains(r#"address = "/run/zlayer-storage/snapshotter.sock""#),
+        "{dump}"
+    );
+    assert!(dump.contains(r#"snapshotter = "zlayer""#), "{dump}");
+}
