@@ -222,6 +222,23 @@ fn bad_config_exits_3_and_names_the_key() {
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
         assert!(err.contains(key), "{key} not named: {err}");
     }
+    // Problems only found when the store opens are config errors too.
+    let path = dir.path().join("secret.toml");
+    std::fs::write(
+        &path,
+        "[storage]\nbackend = \"s3\"\nbucket = \"b\"\nendpoint_url = \"http://127.0.0.1:9\"\n\
+         access_key_id = \"AK\"\nsecret_access_key_file = \"/nonexistent/secret\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .args(["status"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("/nonexistent/secret"), "{err}");
     // An explicit config path that does not exist is a config error too.
     let out = Command::new(BIN)
         .args(["--config", "/nonexistent/zlayer.toml", "status"])

@@ -14,7 +14,7 @@ pub struct Cli {
     /// Log JSON lines instead of text.
     #[arg(long, global = true)]
     pub log_json: bool,
-    /// More logging (-v debug, -vv trace).
+    /// More logging (-v, -vv, -vvv; one-shot commands default to warnings, daemons to info).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]

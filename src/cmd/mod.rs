@@ -24,6 +24,7 @@ use zlayer_storage::store::StoreError;
 use zlayer_storage::{Config, ContainerLayerId};
 
 use crate::cli::{Cli, Command};
+use crate::observability;
 
 /// Process exit codes.
 pub mod exit {
@@ -47,10 +48,15 @@ pub fn dispatch(cli: Cli) -> u8 {
             return exit::CONFIG;
         }
     };
-    crate::observability::init(
+    let kind = match cli.command {
+        Command::Snapshotter(_) => observability::Kind::Daemon,
+        _ => observability::Kind::OneShot,
+    };
+    observability::init(
         cli.log_json || config.log.json,
         cli.verbose,
         config.log.filter.as_deref(),
+        kind,
     );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -90,10 +96,10 @@ fn exit_code_for(e: &anyhow::Error) -> u8 {
         matches!(
             cause.downcast_ref::<LayerError>(),
             Some(LayerError::Config(_))
-        ) || matches!(
-            cause.downcast_ref::<StoreError>(),
-            Some(StoreError::Config { .. } | StoreError::ReadSecret { .. })
-        )
+        ) || cause
+            .downcast_ref::<StoreError>()
+            .or_else(|| cause.downcast_ref::<Box<StoreError>>().map(|b| &**b))
+            .is_some_and(|e| matches!(e, StoreError::Config { .. } | StoreError::ReadSecret { .. }))
     });
     if config { exit::CONFIG } else { exit::FAILURE }
 }

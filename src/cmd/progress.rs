@@ -35,19 +35,19 @@ impl Bar {
         if *phase != Some(ev.phase) {
             *phase = Some(ev.phase);
             let template = if ev.total.is_some() {
-                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+                "{msg:>9} [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} {eta}"
             } else {
-                "{msg:>10} {spinner} {bytes} {bytes_per_sec}"
+                "{msg:>9} {spinner} {bytes} {bytes_per_sec}"
             };
-            if let Ok(style) = ProgressStyle::with_template(template) {
-                self.bar.set_style(style.progress_chars("=> "));
-            }
-            self.bar.reset();
+            self.bar.set_message(ev.phase.label());
             match ev.total {
                 Some(t) => self.bar.set_length(t),
                 None => self.bar.unset_length(),
             }
-            self.bar.set_message(ev.phase.label());
+            if let Ok(style) = ProgressStyle::with_template(template) {
+                self.bar.set_style(style.progress_chars("=> "));
+            }
+            self.bar.reset();
         }
         self.bar.set_position(ev.done);
     }

@@ -42,7 +42,7 @@ pub async fn run(config: &Config, args: SyncArgs) -> anyhow::Result<u8> {
                 u.parts_sent, u.parts_total, u.parts_reused
             ));
         }
-        if !outcome.manifest_moved {
+        if !s.unchanged && !outcome.manifest_moved {
             line.push_str(", manifest not moved (a newer sync exists)");
         }
         println!("{line}");
