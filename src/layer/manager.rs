@@ -21,7 +21,7 @@ use super::options::{
     GcReport, LayerProgress, Phase, ProgressEvent, RestoreOptions, SyncOptions, SyncOutcome,
     UploadSummary,
 };
-use super::spool::{Intent, Staging, remove_if_exists};
+use super::spool::{IdentityLock, Intent, Staging, remove_if_exists};
 use super::types::{ContainerLayerId, LayerSnapshot, SyncState};
 use crate::archive::{self, PackOptions, UnpackOptions};
 use crate::config::LayerStorageConfig;
@@ -155,6 +155,7 @@ impl LayerSyncManager {
         let upper = upper.as_ref().to_path_buf();
         let lock = self.identity_lock(id);
         let _guard = lock.lock().await;
+        let _file_lock = self.file_lock(id, true).await?;
         let started_at = Utc::now();
 
         let fp_path = upper.clone();
@@ -335,6 +336,18 @@ impl LayerSyncManager {
         for (intent, spool) in pending {
             let lock = self.identity_lock(&intent.identity);
             let _guard = lock.lock().await;
+            let Some(_file_lock) = self.file_lock(&intent.identity, false).await? else {
+                tracing::debug!(id = %intent.identity, "identity busy in another process; not resuming");
+                continue;
+            };
+            // Listed before the lock was taken: another process may have finished it since.
+            if !self
+                .inner
+                .staging
+                .has_intent(&intent.identity, &intent.snapshot.digest)
+            {
+                continue;
+            }
             if !spool.exists() {
                 tracing::warn!(id = %intent.identity, spool = %spool.display(), "interrupted sync lost its archive; dropping it");
                 self.inner
@@ -381,6 +394,12 @@ impl LayerSyncManager {
                 && intent.fingerprint.as_deref() == Some(fingerprint)
                 && spool.exists()
         }))
+    }
+
+    async fn file_lock(&self, id: &ContainerLayerId, wait: bool) -> Result<Option<IdentityLock>> {
+        let inner = Arc::clone(&self.inner);
+        let id = id.clone();
+        blocking(move || inner.staging.lock_identity(&id, wait)).await?
     }
 
     fn identity_lock(&self, id: &ContainerLayerId) -> Arc<tokio::sync::Mutex<()>> {

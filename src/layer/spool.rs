@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
+use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
 use super::error::{LayerError, Result, io};
@@ -19,6 +20,7 @@ use super::types::{ContainerLayerId, LayerSnapshot};
 
 const INTENT_SUFFIX: &str = ".intent.json";
 const BLOB_SUFFIX: &str = ".tar.zst";
+const LOCK_SUFFIX: &str = ".lock";
 
 /// A packed archive that still has to be published for an identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,20 +42,23 @@ pub struct Intent {
 pub struct Staging {
     tmp: PathBuf,
     ready: PathBuf,
+    locks: PathBuf,
     counter: AtomicU64,
 }
 
 impl Staging {
-    /// Creates `tmp/` and `ready/` under `root`.
+    /// Creates `tmp/`, `ready/` and `locks/` under `root`.
     pub fn open(root: &Path) -> Result<Self> {
         let tmp = root.join("tmp");
         let ready = root.join("ready");
-        for dir in [&tmp, &ready] {
+        let locks = root.join("locks");
+        for dir in [&tmp, &ready, &locks] {
             std::fs::create_dir_all(dir).map_err(io(dir.clone()))?;
         }
         Ok(Self {
             tmp,
             ready,
+            locks,
             counter: AtomicU64::new(0),
         })
     }
@@ -109,6 +114,11 @@ impl Staging {
     pub fn finish(&self, id: &ContainerLayerId, digest: &str) -> Result<()> {
         remove_if_exists(&self.intent_path(id, digest))?;
         remove_if_exists(&self.ready_path(id, digest))
+    }
+
+    /// Whether the intent of `id` and `digest` is still pending.
+    pub fn has_intent(&self, id: &ContainerLayerId, digest: &str) -> bool {
+        self.intent_path(id, digest).exists()
     }
 
     /// Intents left by interrupted syncs, with their archive path.
@@ -170,6 +180,40 @@ impl Staging {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Holds an identity's cross-process lock file (`locks/{identity}.lock`) until dropped, so a CLI
+/// and a daemon sharing a staging dir never publish the same identity at once.
+#[derive(Debug)]
+pub struct IdentityLock {
+    _file: File,
+}
+
+impl Staging {
+    /// Locks `id` across processes; `wait = false` returns `None` when another holder has it.
+    /// Blocking: call from `spawn_blocking`.
+    pub fn lock_identity(&self, id: &ContainerLayerId, wait: bool) -> Result<Option<IdentityLock>> {
+        let path = self.locks.join(format!("{}{LOCK_SUFFIX}", id.to_key()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let op = if wait {
+            FlockOperation::LockExclusive
+        } else {
+            FlockOperation::NonBlockingLockExclusive
+        };
+        match rustix::fs::flock(&file, op) {
+            Ok(()) => Ok(Some(IdentityLock { _file: file })),
+            Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(None),
+            Err(e) => Err(LayerError::Io {
+                path,
+                source: e.into(),
+            }),
+        }
     }
 }
 
@@ -276,6 +320,24 @@ mod tests {
         assert_eq!(st.sweep(Duration::ZERO).unwrap(), 2);
         assert!(!tmp.exists() && !orphan.exists());
         assert!(kept.exists(), "an archive with an intent is never swept");
+    }
+
+    #[test]
+    fn identity_lock_excludes_other_holders_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(dir.path()).unwrap();
+        let other = Staging::open(dir.path()).unwrap();
+        let (a, b) = (
+            ContainerLayerId::new("s", "a"),
+            ContainerLayerId::new("s", "b"),
+        );
+        let held = st.lock_identity(&a, true).unwrap().unwrap();
+        assert!(other.lock_identity(&a, false).unwrap().is_none());
+        assert!(other.lock_identity(&b, false).unwrap().is_some());
+        drop(held);
+        assert!(other.lock_identity(&a, false).unwrap().is_some());
+        // Lock files are not mistaken for orphaned archives.
+        assert_eq!(st.sweep(Duration::ZERO).unwrap(), 0);
     }
 
     impl Intent {

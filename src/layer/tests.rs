@@ -610,3 +610,22 @@ fn restore_is_capped_at_the_declared_size() {
     assert_eq!(o.max_uncompressed, cfg.max_restore_bytes);
     assert_eq!(o.max_ratio, cfg.max_expansion_ratio);
 }
+
+#[tokio::test]
+async fn resume_skips_identities_locked_by_another_process() {
+    let env = Env::new();
+    let upper = env.path("upper");
+    make_tree(&upper, "a");
+    let (m, counting) = env.node("a", Duration::ZERO).await;
+    counting.fail_next_upload.store(true, Ordering::SeqCst);
+    m.sync_layer(&id("0"), &upper).await.unwrap_err();
+
+    // Another process (its own open of the lock file) is working on the identity.
+    let other = super::spool::Staging::open(&env.config("a").staging_dir).unwrap();
+    let held = other.lock_identity(&id("0"), false).unwrap().unwrap();
+    assert_eq!(m.resume_pending().await.unwrap(), 0);
+    assert!(m.manifest(&id("0")).await.unwrap().is_none());
+    drop(held);
+    assert_eq!(m.resume_pending().await.unwrap(), 1);
+    assert!(m.manifest(&id("0")).await.unwrap().is_some());
+}
