@@ -3,15 +3,22 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 use zlayer_storage::Config;
+use zlayer_storage::LayerSyncManager;
+use zlayer_storage::snapshotter::containers::ContainerdContainers;
+use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
+use zlayer_storage::sys::overlay::OverlayFeatures;
 
 use crate::cli::SnapshotterArgs;
 
 use super::exit;
 
-/// Opens the snapshotter root (flags override the config file) and serves the socket.
-/// A signal stops accepting requests, lets in-flight ones finish, and deletes no state.
+/// Opens the layer store and the snapshotter root (flags override the config file), starts
+/// the upload worker and serves the socket. A signal stops accepting requests, lets in-flight
+/// ones finish and stops the worker; queued uploads stay in the outbox and resume at the next
+/// start. No state is deleted.
 pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> {
     let root = args
         .root
@@ -25,22 +32,50 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         .containerd_address
         .clone()
         .unwrap_or_else(|| config.snapshotter.containerd_address.clone());
-    // Used by persistence (container-label lookups); the plain snapshotter does not dial it.
-    tracing::debug!(containerd = %containerd.display(), "containerd address");
+
+    let manager = LayerSyncManager::new(config.storage.clone())
+        .await
+        .context("cannot open the layer store")?;
+    let features_root = root.clone();
+    let features = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&features_root)?;
+        Ok::<_, std::io::Error>(OverlayFeatures::detect(&features_root))
+    })
+    .await
+    .context("snapshotter start-up task failed")?
+    .with_context(|| format!("cannot create snapshotter root {}", root.display()))?;
+    let persistence = Arc::new(Persistence::new(
+        PersistOptions::from_config(&config.snapshotter, features),
+        manager,
+        Arc::new(ContainerdContainers::new(&containerd)),
+        tokio::runtime::Handle::current(),
+    ));
 
     let open_root = root.clone();
-    let core = tokio::task::spawn_blocking(move || Snapshotter::open(&open_root))
-        .await
-        .context("snapshotter start-up task failed")?
-        .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
-    let features = core.features();
+    let hooks = Arc::clone(&persistence);
+    let core =
+        tokio::task::spawn_blocking(move || Snapshotter::open_with(&open_root, features, hooks))
+            .await
+            .context("snapshotter start-up task failed")?
+            .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
     tracing::info!(
         root = %root.display(),
         index_off = features.index_off,
         userxattr = features.userxattr,
+        persist = ?config.snapshotter.persist,
+        on_base_change = ?config.snapshotter.on_base_change,
+        containerd = %containerd.display(),
+        store = %persistence.manager().store().describe(),
         "snapshotter ready"
     );
-    server::serve(Arc::new(core), &socket, shutdown_signal()).await?;
+    let stop = CancellationToken::new();
+    let worker = persistence.spawn_worker(stop.clone());
+    let served = server::serve(Arc::new(core), &socket, shutdown_signal()).await;
+    stop.cancel();
+    if let Err(e) = worker.await {
+        tracing::warn!(error = %e, "upload worker ended abnormally");
+    }
+    served?;
     Ok(exit::OK)
 }
 

@@ -21,8 +21,8 @@ use super::error::{Result, SnapshotError};
 use super::filter::Filters;
 use super::fsops;
 use super::hooks::{
-    CommitEvent, NoPersistence, ParentRef, PersistenceHooks, RemoveDisposition, RemoveEvent,
-    SnapshotEvent,
+    CommitEvent, NoPersistence, OpenContext, ParentRef, PersistenceHooks, RemoveDisposition,
+    RemoveEvent, SnapshotEvent,
 };
 use super::key::BackendKey;
 use super::meta::{self, MIGRATIONS, Record};
@@ -88,6 +88,12 @@ impl Snapshotter {
             sweeping: Mutex::new(()),
             _lock: lock,
         };
+        this.hooks.on_open(&OpenContext {
+            root,
+            snapshots: &this.snapshots,
+            trash: &this.trash,
+            db: &this.db,
+        })?;
         let moved = this.reconcile()?;
         if moved > 0 {
             tracing::info!(root = %root.display(), moved, "moved unreferenced snapshot directories to the trash");
@@ -290,14 +296,17 @@ impl Snapshotter {
             let upper = self.fs_dir(rec.id);
             let usage = fsops::disk_usage(&upper)?;
             meta::commit(tx, rec.id, name, &labels, Utc::now(), usage)?;
-            self.hooks.on_commit(&CommitEvent {
-                key,
-                name,
-                active_labels: &rec.info.labels,
-                labels: &labels,
-                upper: &upper,
-                usage,
-            })
+            self.hooks.on_commit_tx(
+                tx,
+                &CommitEvent {
+                    key,
+                    name,
+                    active_labels: &rec.info.labels,
+                    labels: &labels,
+                    upper: &upper,
+                    usage,
+                },
+            )
         })
     }
 
@@ -317,13 +326,16 @@ impl Snapshotter {
             }
             meta::delete(tx, rec.id)?;
             let dir = self.dir(rec.id);
-            let disposition = self.hooks.on_remove(&RemoveEvent {
-                key,
-                backend_key: BackendKey::parse(key),
-                kind: rec.info.kind,
-                labels: &rec.info.labels,
-                snapshot_dir: &dir,
-            })?;
+            let disposition = self.hooks.on_remove_tx(
+                tx,
+                &RemoveEvent {
+                    key,
+                    backend_key: BackendKey::parse(key),
+                    kind: rec.info.kind,
+                    labels: &rec.info.labels,
+                    snapshot_dir: &dir,
+                },
+            )?;
             Ok((rec.id, disposition))
         })?;
         if disposition == RemoveDisposition::Trash {

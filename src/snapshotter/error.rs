@@ -75,6 +75,8 @@ pub enum SnapshotError {
     RootInUse { root: PathBuf },
     #[error("snapshotter task failed")]
     Join(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Persist(Box<super::persist::PersistError>),
 }
 
 /// Result type of the snapshotter module.
@@ -118,6 +120,7 @@ impl SnapshotError {
             | Self::RootInUse { .. }
             | Self::Corrupt { .. }
             | Self::Join(_) => Code::Internal,
+            Self::Persist(e) => e.code(),
         }
     }
 }

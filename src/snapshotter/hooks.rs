@@ -10,6 +10,12 @@
 //! | [`on_mounts`](PersistenceHooks::on_mounts) | on every Mounts of an Active/View, before replying | none | yes (first Mounts after a reboot or on a new node restores here) | Mounts fails with the hook's error |
 //! | [`on_commit`](PersistenceHooks::on_commit) | inside the metadata transaction, after usage is measured, before it commits | metadata | **no**: containerd holds its own write transaction | the commit is rolled back |
 //! | [`on_remove`](PersistenceHooks::on_remove) | inside the metadata transaction, before the record's deletion commits | metadata | **no**: containerd's GC lock is held | the record stays; the error is returned |
+//! | [`on_open`](PersistenceHooks::on_open) | once at start, after the database is open, before directories are reconciled | none (nothing else runs) | no | the snapshotter does not open |
+//!
+//! [`on_commit_tx`](PersistenceHooks::on_commit_tx) and [`on_remove_tx`](PersistenceHooks::on_remove_tx)
+//! are what the core calls: they also receive the metadata transaction, so a hook can record
+//! its own rows atomically with the commit or removal. By default they call `on_commit` and
+//! `on_remove`.
 //!
 //! `on_remove` decides where the directory goes: [`RemoveDisposition::Trash`] (the core moves it
 //! to `trash/` and deletes it in the background) or [`RemoveDisposition::Claimed`], meaning the
@@ -29,6 +35,10 @@
 
 use std::fmt::Debug;
 use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::state::Database;
 
 use super::error::Result;
 use super::key::BackendKey;
@@ -95,8 +105,28 @@ pub enum RemoveDisposition {
     Claimed,
 }
 
+/// The snapshotter being opened.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenContext<'a> {
+    pub root: &'a Path,
+    /// `snapshots/`, holding `<id>/{fs,work}` per record.
+    pub snapshots: &'a Path,
+    /// `trash/`, emptied in the background.
+    pub trash: &'a Path,
+    /// The metadata database; a hook may keep a clone for use outside transactions, but must
+    /// never call it from `on_commit_tx`/`on_remove_tx` (the connection is held there).
+    pub db: &'a Database,
+}
+
 /// Persistence callbacks; every method defaults to "do nothing", the plain overlay behaviour.
 pub trait PersistenceHooks: Send + Sync + Debug {
+    /// The snapshotter is opening; reconcile the hook's own state with the directories here,
+    /// before the core trashes directories no record references.
+    fn on_open(&self, ctx: &OpenContext<'_>) -> Result<()> {
+        let _ = ctx;
+        Ok(())
+    }
+
     /// A snapshot was created; restore its upper dir here if its identity is already known.
     fn on_prepare(&self, event: &SnapshotEvent<'_>) -> Result<()> {
         let _ = event;
@@ -119,6 +149,18 @@ pub trait PersistenceHooks: Send + Sync + Debug {
     fn on_remove(&self, event: &RemoveEvent<'_>) -> Result<RemoveDisposition> {
         let _ = event;
         Ok(RemoveDisposition::Trash)
+    }
+
+    /// [`on_commit`](Self::on_commit) with the metadata transaction it runs in.
+    fn on_commit_tx(&self, tx: &Connection, event: &CommitEvent<'_>) -> Result<()> {
+        let _ = tx;
+        self.on_commit(event)
+    }
+
+    /// [`on_remove`](Self::on_remove) with the metadata transaction it runs in.
+    fn on_remove_tx(&self, tx: &Connection, event: &RemoveEvent<'_>) -> Result<RemoveDisposition> {
+        let _ = tx;
+        self.on_remove(event)
     }
 }
 

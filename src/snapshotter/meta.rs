@@ -13,9 +13,10 @@ use super::error::{Result, SnapshotError};
 use super::types::{Info, Kind, Labels, Usage};
 
 /// Schema of the snapshotter's metadata database. Append only.
-pub static MIGRATIONS: &[Migration] = &[Migration {
-    name: "snapshotter: snapshots",
-    sql: "CREATE TABLE snapshots (
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "snapshotter: snapshots",
+        sql: "CREATE TABLE snapshots (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             key TEXT NOT NULL UNIQUE,
             parent TEXT NOT NULL DEFAULT '',
@@ -27,7 +28,12 @@ pub static MIGRATIONS: &[Migration] = &[Migration {
             inodes INTEGER NOT NULL DEFAULT 0
           );
           CREATE INDEX snapshots_parent ON snapshots (parent);",
-}];
+    },
+    Migration {
+        name: "snapshotter: persistence",
+        sql: super::persist::SCHEMA,
+    },
+];
 
 /// A stored snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,9 +8,12 @@
 //! - [`error::SnapshotError`] is the only error type, converted to a gRPC status in one place.
 //! - [`hooks`] is the persistence seam (see its docs for when each hook runs and what it may do);
 //!   the default [`hooks::NoPersistence`] behaves exactly like containerd's snapshotter.
+//! - [`persist::Persistence`] is the hooks implementation that keeps identified containers'
+//!   upper dirs in the object store; [`containers`] looks up container records in containerd.
 //! - [`key::BackendKey`] parses the `<namespace>/<seq>/<name>` keys containerd sends, the only
 //!   reliable identity of a snapshot.
 
+pub mod containers;
 pub mod core;
 pub mod error;
 pub mod filter;
@@ -19,6 +22,7 @@ pub mod hooks;
 pub mod key;
 pub mod meta;
 pub mod mounts;
+pub mod persist;
 pub mod server;
 pub mod service;
 pub mod types;

@@ -1,0 +1,150 @@
+//! Errors of the persistence layer and the gRPC code each one means to containerd.
+
+use std::path::PathBuf;
+
+use crate::archive::ArchiveError;
+use crate::layer::LayerError;
+use crate::layer::types::ContainerLayerId;
+
+/// Everything identity resolution, restore, the outbox and the worker can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PersistError {
+    #[error("label {label} of snapshot {key} is {value:?}, not SERVICE/INSTANCE")]
+    BadIdentity {
+        key: String,
+        label: String,
+        value: String,
+    },
+    #[error("identity {identity} is already in use by active snapshot {other}; refusing {key}")]
+    DuplicateIdentity {
+        identity: ContainerLayerId,
+        key: String,
+        other: String,
+    },
+    #[error(
+        "layer of {identity} was taken on base {recorded}, but snapshot {key} has base {current} \
+         (on_base_change = \"fail\")"
+    )]
+    BaseChanged {
+        identity: ContainerLayerId,
+        key: String,
+        recorded: String,
+        current: String,
+    },
+    #[error(
+        "snapshot {key} ({identity}) has not been restored yet; syncing it would replace the layer"
+    )]
+    NotRestored {
+        key: String,
+        identity: ContainerLayerId,
+    },
+    #[error("nothing to sync for {target}: no persisted active snapshot or queued layer")]
+    NothingToSync { target: String },
+    #[error("object store unavailable while restoring {identity} into {key}")]
+    StoreUnavailable {
+        identity: ContainerLayerId,
+        key: String,
+        #[source]
+        source: Box<LayerError>,
+    },
+    #[error("cannot restore {identity} into {key}")]
+    Restore {
+        identity: ContainerLayerId,
+        key: String,
+        #[source]
+        source: Box<LayerError>,
+    },
+    #[error("cannot copy the queued layer of {identity} from {src} into {target}")]
+    LocalCopy {
+        identity: ContainerLayerId,
+        src: PathBuf,
+        target: PathBuf,
+        #[source]
+        source: Box<ArchiveError>,
+    },
+    #[error("cannot sync {identity} from {path}")]
+    Sync {
+        identity: ContainerLayerId,
+        path: PathBuf,
+        #[source]
+        source: Box<LayerError>,
+    },
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("outbox marker {path} is unreadable")]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("persistence database: cannot {op}")]
+    Db {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("persistence database")]
+    State(#[source] crate::state::StateError),
+    #[error("snapshot metadata")]
+    Meta(#[source] Box<crate::snapshotter::SnapshotError>),
+    #[error("persistence is not attached to a snapshotter yet")]
+    NotOpen,
+    #[error("persistence task failed")]
+    Join(#[source] tokio::task::JoinError),
+}
+
+/// Result type of the persistence module.
+pub type Result<T, E = PersistError> = std::result::Result<T, E>;
+
+impl PersistError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { op, path, source }
+    }
+
+    pub(crate) fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> Self {
+        move |source| Self::Db { op, source }
+    }
+
+    /// The gRPC code containerd gets: a refused identity or base is the caller's problem, a
+    /// store fault is temporary (containerd retries, the container does not start meanwhile).
+    #[must_use]
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::BadIdentity { .. } => Code::InvalidArgument,
+            Self::DuplicateIdentity { .. }
+            | Self::BaseChanged { .. }
+            | Self::NotRestored { .. } => Code::FailedPrecondition,
+            Self::NothingToSync { .. } => Code::NotFound,
+            Self::StoreUnavailable { .. } => Code::Unavailable,
+            Self::Restore { .. }
+            | Self::LocalCopy { .. }
+            | Self::Sync { .. }
+            | Self::Io { .. }
+            | Self::Marker { .. }
+            | Self::Db { .. }
+            | Self::State(_)
+            | Self::Meta(_)
+            | Self::NotOpen
+            | Self::Join(_) => Code::Internal,
+        }
+    }
+}
+
+/// Store faults (network, throttling, missing objects) as opposed to local or data errors.
+pub(crate) fn is_store_fault(e: &LayerError) -> bool {
+    matches!(
+        e,
+        LayerError::Store { .. } | LayerError::ManifestContention { .. }
+    )
+}

@@ -1,0 +1,319 @@
+//! The background worker that uploads queued layers, and on-demand syncs.
+//!
+//! At start it finishes syncs a crash interrupted ([`LayerSyncManager::resume_pending`]), then
+//! processes the outbox oldest first: `sync_layer_detailed` with the row's seq and base (an
+//! unchanged layer is skipped by the manager), then, in one transaction, the row is deleted
+//! and the store's seq noted; only then is the outbox dir moved to the trash and deleted. A
+//! crash between the two leaves an outbox dir with a marker and no row, which start-up
+//! re-adopts (see [`super::outbox`]).
+//!
+//! [`LayerSyncManager::resume_pending`]: crate::layer::LayerSyncManager::resume_pending
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::layer::types::{ContainerLayerId, LayerSnapshot};
+use crate::layer::{SyncOptions, SyncOutcome};
+use crate::snapshotter::meta;
+
+use super::db::{self, Location, OutboxRow, Resolution};
+use super::error::{PersistError, Result};
+use super::{Persistence, error_chain, hold, read_db, write_db};
+
+/// First retry delay after a failed pass; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// An idle worker looks at the outbox this often even without being woken.
+const IDLE_RECHECK: Duration = Duration::from_secs(300);
+
+impl Persistence {
+    /// Starts the upload worker on the current runtime; it stops when `stop` is cancelled,
+    /// dropping an upload in flight (its row stays queued and the manager resumes the
+    /// multipart upload at the next start).
+    pub fn spawn_worker(self: &Arc<Self>, stop: CancellationToken) -> JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.run_worker(stop).await })
+    }
+
+    async fn run_worker(self: Arc<Self>, stop: CancellationToken) {
+        let mut resumed = false;
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if !resumed {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = self.manager.resume_pending() => match r {
+                        Ok(n) => {
+                            resumed = true;
+                            if n > 0 {
+                                tracing::info!(resumed = n, "finished interrupted uploads");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %error_chain(&e), "cannot resume interrupted uploads yet"),
+                    },
+                }
+            }
+            let failed = tokio::select! {
+                () = stop.cancelled() => return,
+                failed = self.pass() => failed,
+            };
+            let wait = if failed || !resumed {
+                let w = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                w
+            } else {
+                backoff = MIN_BACKOFF;
+                IDLE_RECHECK
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Processes every queued row once; true when any failed.
+    async fn pass(self: &Arc<Self>) -> bool {
+        let rows = match self.read_async("read outbox", db::outbox_rows).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot read the outbox");
+                return true;
+            }
+        };
+        let mut failed = false;
+        for row in rows {
+            if let Err(e) = self.process(&row).await {
+                failed = true;
+                let message = error_chain(&e);
+                tracing::warn!(outbox = row.id, identity = %row.identity, seq = row.seq,
+                    attempts = row.attempts + 1, error = %message, "upload of queued layer failed; will retry");
+                let id = row.id;
+                if let Err(e) = self
+                    .write_async("record outbox failure", move |c| {
+                        db::record_failure(c, id, &message)
+                    })
+                    .await
+                {
+                    tracing::warn!(error = %error_chain(&e), "cannot record the failure");
+                }
+            }
+        }
+        failed
+    }
+
+    /// Uploads every queued layer now; returns how many were finished. Stops at the first
+    /// failure (the row stays queued).
+    pub async fn flush(self: &Arc<Self>) -> Result<usize> {
+        let rows = self.read_async("read outbox", db::outbox_rows).await?;
+        let mut done = 0;
+        for row in rows {
+            self.process(&row).await?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Syncs one queued layer and deletes it.
+    async fn process(self: &Arc<Self>, row: &OutboxRow) -> Result<SyncOutcome> {
+        let att = self.attached()?;
+        let upper = att.layer_dir(row).join("fs");
+        let opts = SyncOptions {
+            base: row.base.clone(),
+            seq: Some(row.seq),
+            progress: None,
+        };
+        let synced = self
+            .manager
+            .sync_layer_detailed(&row.identity, &upper, opts)
+            .await;
+        let outcome = match synced {
+            Ok(outcome) => outcome,
+            Err(source) => {
+                let id = row.id;
+                if self
+                    .read_async("read outbox", move |c| db::outbox_row(c, id))
+                    .await?
+                    .is_none()
+                {
+                    // Finished by a concurrent flush, which also removed the dir under us.
+                    return self.current(&row.identity).await;
+                }
+                return Err(PersistError::Sync {
+                    identity: row.identity.clone(),
+                    path: upper,
+                    source: Box::new(source),
+                });
+            }
+        };
+        let this = Arc::clone(self);
+        let (id, identity, seq) = (row.id, row.identity.clone(), outcome.seq);
+        tokio::task::spawn_blocking(move || this.finish(id, &identity, seq))
+            .await
+            .map_err(PersistError::Join)??;
+        Ok(outcome)
+    }
+
+    /// The identity's current layer in the store, reported as unchanged.
+    async fn current(&self, identity: &ContainerLayerId) -> Result<SyncOutcome> {
+        let outbox = self.attached()?.outbox.clone();
+        let manifest =
+            self.manager
+                .manifest(identity)
+                .await
+                .map_err(|source| PersistError::Sync {
+                    identity: identity.clone(),
+                    path: outbox,
+                    source: Box::new(source),
+                })?;
+        let Some(m) = manifest else {
+            return Err(PersistError::NothingToSync {
+                target: identity.to_string(),
+            });
+        };
+        Ok(SyncOutcome {
+            identity: identity.clone(),
+            snapshot: m.current.snapshot(true),
+            seq: m.current.seq,
+            manifest_moved: false,
+            upload: None,
+        })
+    }
+
+    /// Deletes a synced row, then its outbox dir (blocking). Pinned, so a restore copying
+    /// from the dir finishes first.
+    fn finish(&self, id: i64, identity: &ContainerLayerId, synced_seq: u64) -> Result<()> {
+        let att = self.attached()?;
+        let pin = self.pins.get(&identity.to_key());
+        let _pinned = hold(&pin);
+        let location = att.write("finish queued layer", |c| {
+            let Some(row) = db::outbox_row(c, id)? else {
+                return Ok(None);
+            };
+            db::note_synced(c, identity, synced_seq)?;
+            db::delete_outbox(c, id)?;
+            Ok(Some(row.location))
+        })?;
+        if location == Some(Location::Outbox) {
+            let dir = att.outbox.join(id.to_string());
+            let doomed = att.trash.join(format!(
+                "outbox-{id}-{}",
+                chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+            ));
+            std::fs::rename(&dir, &doomed).map_err(PersistError::io("move to the trash", &dir))?;
+            if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                // The trash sweeper gets it later.
+                tracing::debug!(path = %doomed.display(), error = %e, "cannot delete synced outbox dir yet");
+            }
+        }
+        tracing::debug!(outbox = id, %identity, "queued layer done");
+        Ok(())
+    }
+
+    /// Syncs now: a live Active snapshot (by key, or by the identity it holds) from its upper
+    /// dir, else the queued layers of an identity (`SERVICE/INSTANCE`). Returns the layer the
+    /// identity has afterwards.
+    pub async fn sync_now(self: &Arc<Self>, key_or_identity: &str) -> Result<LayerSnapshot> {
+        let att = self.attached()?;
+        let target = key_or_identity.to_string();
+        let live = self
+            .read_async("find snapshot to sync", move |c| live_target(c, &target))
+            .await?;
+        if let Some((row, snapshot_id)) = live {
+            let Resolution::Identified(identity) = row.resolution else {
+                return Err(PersistError::NothingToSync {
+                    target: key_or_identity.to_string(),
+                });
+            };
+            if !row.restored {
+                return Err(PersistError::NotRestored {
+                    key: row.key,
+                    identity,
+                });
+            }
+            let seq_id = identity.clone();
+            let seq = self
+                .write_async("allocate sequence number", move |c| {
+                    db::next_seq(c, &seq_id)
+                })
+                .await?;
+            let upper = att.snapshots.join(snapshot_id.to_string()).join("fs");
+            let opts = SyncOptions {
+                base: Some(row.base),
+                seq: Some(seq),
+                progress: None,
+            };
+            let outcome = self
+                .manager
+                .sync_layer_detailed(&identity, &upper, opts)
+                .await
+                .map_err(|source| PersistError::Sync {
+                    identity: identity.clone(),
+                    path: upper.clone(),
+                    source: Box::new(source),
+                })?;
+            let synced = outcome.seq;
+            self.write_async("record synced sequence number", move |c| {
+                db::note_synced(c, &identity, synced)
+            })
+            .await?;
+            return Ok(outcome.snapshot);
+        }
+        let nothing = || PersistError::NothingToSync {
+            target: key_or_identity.to_string(),
+        };
+        let identity = ContainerLayerId::parse(key_or_identity).ok_or_else(nothing)?;
+        let rows = self
+            .read_async("read outbox", move |c| db::outbox_of(c, &identity))
+            .await?;
+        let mut last = None;
+        for row in rows {
+            last = Some(self.process(&row).await?.snapshot);
+        }
+        last.ok_or_else(nothing)
+    }
+
+    async fn read_async<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let db = self.attached()?.db.clone();
+        tokio::task::spawn_blocking(move || read_db(&db, op, f))
+            .await
+            .map_err(PersistError::Join)?
+    }
+
+    async fn write_async<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let db = self.attached()?.db.clone();
+        tokio::task::spawn_blocking(move || write_db(&db, op, f))
+            .await
+            .map_err(PersistError::Join)?
+    }
+}
+
+/// The identified live Active snapshot named by `target` (its key, or the identity it holds)
+/// and its snapshot id.
+fn live_target(c: &Connection, target: &str) -> Result<Option<(db::SnapshotRow, i64)>> {
+    let row = match db::snapshot(c, target)? {
+        Some(row) if matches!(row.resolution, Resolution::Identified(_)) => Some(row),
+        _ => match ContainerLayerId::parse(target) {
+            Some(identity) => db::identity_owner(c, &identity)?,
+            None => None,
+        },
+    };
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let record = meta::get(c, &row.key).map_err(|e| PersistError::Meta(Box::new(e)))?;
+    Ok(record.map(|r| (row, r.id)))
+}
