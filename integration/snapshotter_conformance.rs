@@ -158,7 +158,14 @@ struct Daemon {
 impl Daemon {
     fn start(dir: &Path) -> Self {
         let config = dir.join("zlayer.toml");
-        std::fs::write(&config, "").unwrap();
+        // The layer store, staging dir and state DB (opened for persistence) stay inside dir.
+        let storage = format!(
+            "[storage]\nlocal_store_dir = {:?}\nstaging_dir = {:?}\nstate_db_path = {:?}\n",
+            dir.join("store"),
+            dir.join("staging"),
+            dir.join("state.sqlite")
+        );
+        std::fs::write(&config, storage).unwrap();
         let root = dir.join("root");
         let socket = dir.join("run/snapshotter.sock");
         let child = Command::new(BIN)

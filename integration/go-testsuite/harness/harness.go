@@ -36,8 +36,11 @@ func BinaryFromEnv(tb testing.TB) string {
 func StartDaemon(ctx context.Context, bin, dir string) (snapshots.Snapshotter, func() error, error) {
 	socket := filepath.Join(dir, "zlayer.sock")
 	config := filepath.Join(dir, "zlayer.toml")
-	// An empty config file keeps the run independent of /etc/zlayer/storage.toml.
-	if err := os.WriteFile(config, nil, 0o600); err != nil {
+	// A private config keeps the run independent of /etc/zlayer/storage.toml, and the layer
+	// store, staging dir and state DB (opened for persistence) inside dir.
+	storage := fmt.Sprintf("[storage]\nlocal_store_dir = %q\nstaging_dir = %q\nstate_db_path = %q\n",
+		filepath.Join(dir, "store"), filepath.Join(dir, "staging"), filepath.Join(dir, "state.sqlite"))
+	if err := os.WriteFile(config, []byte(storage), 0o600); err != nil {
 		return nil, nil, err
 	}
 	cmd := exec.Command(bin, "--config", config, "snapshotter",
