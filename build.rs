@@ -2,7 +2,8 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new("proto/containerd");
-    let snapshots = root.join("github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto");
+    let snapshots =
+        root.join("github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto");
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .build_server(true)

@@ -2,9 +2,10 @@
 //! Tests that need a component skip with a printed reason only when not in CI (`CI` unset);
 //! in CI a missing component is a failure.
 
-mod util;
 mod archive_overlay;
-mod snapshotter_conformance;
-mod store_s3;
 mod containerd_e2e;
 mod layer_cli;
+mod snapshotter_conformance;
+mod store_s3;
+mod store_stream;
+mod util;

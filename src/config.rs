@@ -359,20 +359,25 @@ mod tests {
         assert_eq!(c.max_concurrent_uploads, 4);
         assert_eq!(c.compression_level, 3);
         assert_eq!(c.staging_dir, PathBuf::from("/var/lib/zlayer/staging"));
-        assert_eq!(c.state_db_path, PathBuf::from("/var/lib/zlayer/layer-state.sqlite"));
+        assert_eq!(
+            c.state_db_path,
+            PathBuf::from("/var/lib/zlayer/layer-state.sqlite")
+        );
         c.validate().unwrap();
     }
 
     #[test]
     fn unknown_key_is_rejected_with_its_name() {
-        let err = Config::from_toml("[storage]\nbukket = \"x\"\n", Path::new("/x.toml")).unwrap_err();
+        let err =
+            Config::from_toml("[storage]\nbukket = \"x\"\n", Path::new("/x.toml")).unwrap_err();
         let chain = format!("{:?}", err);
         assert!(chain.contains("bukket"), "{chain}");
     }
 
     #[test]
     fn small_part_size_is_rejected() {
-        let cfg = Config::from_toml("[storage]\npart_size_bytes = 1024\n", Path::new("/x.toml")).unwrap();
+        let cfg =
+            Config::from_toml("[storage]\npart_size_bytes = 1024\n", Path::new("/x.toml")).unwrap();
         let err = cfg.storage.validate().unwrap_err();
         assert!(err.to_string().contains("part_size_bytes"));
     }
@@ -380,7 +385,13 @@ mod tests {
     #[test]
     fn s3_needs_bucket() {
         let cfg = Config::from_toml("[storage]\nbackend = \"s3\"\n", Path::new("/x.toml")).unwrap();
-        assert!(cfg.storage.validate().unwrap_err().to_string().contains("bucket"));
+        assert!(
+            cfg.storage
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("bucket")
+        );
     }
 
     #[test]

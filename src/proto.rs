@@ -2,7 +2,12 @@
 //!
 //! The module tree mirrors the protobuf packages so prost's relative paths resolve.
 
-#![allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
 
 pub mod containerd {
     pub mod types {

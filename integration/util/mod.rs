@@ -1,4 +1,4 @@
 //! Shared helpers for integration tests.
 pub mod containerd;
-pub mod image;
 pub mod garage;
+pub mod image;
