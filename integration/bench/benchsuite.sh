@@ -2,7 +2,8 @@
 # containerd's snapshotter benchmark workload (snapshots/benchsuite: 16 layers of 1 MB files;
 # Prepare, mount+write+unmount, Commit) through containerd's gRPC proxy client, against
 # zlayer-storage and against containerd's overlay snapshotter served over the same proxy
-# (contrib/snapshotservice). Rounds alternate between the two; medians are compared.
+# (contrib/snapshotservice). Rounds alternate between the two (first one switching each round,
+# page cache flushed before each run); medians are compared.
 #
 # Usage (as root): integration/bench/benchsuite.sh
 # Environment:
@@ -34,7 +35,11 @@ results="$work/results"
 : > "$results"
 round=1
 while [ "$round" -le "$ROUNDS" ]; do
-    for which in Zlayer Overlay; do
+    # Alternate who goes first, and flush dirty pages before each run: writeback left by one
+    # run would otherwise slow down the next one's writes.
+    if [ $((round % 2)) = 1 ]; then order="Zlayer Overlay"; else order="Overlay Zlayer"; fi
+    for which in $order; do
+        sync
         "$work/go/bench.test" -test.run '^$' -test.bench "^Benchmark${which}\$" -test.benchtime "$BENCHTIME" \
             | grep "^Benchmark${which}" | tee -a "$results" >&2
     done

@@ -102,11 +102,8 @@ fn encode_labels(labels: &Labels) -> String {
 /// Looks up one snapshot by key.
 pub fn get(conn: &Connection, key: &str) -> Result<Option<Record>> {
     let raw = conn
-        .query_row(
-            &format!("SELECT {COLUMNS} FROM snapshots WHERE key = ?1"),
-            [key],
-            from_row,
-        )
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM snapshots WHERE key = ?1"))
+        .and_then(|mut st| st.query_row([key], from_row))
         .optional()
         .map_err(SnapshotError::db("read snapshot"))?;
     raw.map(decode).transpose()
@@ -149,12 +146,9 @@ pub fn committed_children(conn: &Connection, parent: &str) -> Result<Vec<Record>
 
 /// True when some snapshot names `key` as its parent.
 pub fn has_children(conn: &Connection, key: &str) -> Result<bool> {
-    conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM snapshots WHERE parent = ?1)",
-        [key],
-        |r| r.get(0),
-    )
-    .map_err(SnapshotError::db("check children"))
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM snapshots WHERE parent = ?1)")
+        .and_then(|mut st| st.query_row([key], |r| r.get(0)))
+        .map_err(SnapshotError::db("check children"))
 }
 
 /// `key` and its ancestors as (id, key), `key` first, then nearest parent first.
@@ -189,18 +183,16 @@ pub fn ids(conn: &Connection) -> Result<std::collections::HashSet<i64>> {
 
 /// Inserts a new Active or View snapshot and returns its id.
 pub fn insert(conn: &Connection, info: &Info) -> Result<i64> {
-    conn.execute(
-        "INSERT INTO snapshots (key, parent, kind, created_ns, updated_ns, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
+    conn.prepare_cached("INSERT INTO snapshots (key, parent, kind, created_ns, updated_ns, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+        .and_then(|mut st| st.execute(params![
             info.name,
             info.parent,
             info.kind.to_db(),
             to_nanos(info.created),
             to_nanos(info.updated),
             encode_labels(&info.labels)
-        ],
-    )
-    .map_err(SnapshotError::db("insert snapshot"))?;
+        ]))
+        .map_err(SnapshotError::db("insert snapshot"))?;
     Ok(conn.last_insert_rowid())
 }
 
@@ -213,10 +205,9 @@ pub fn commit(
     now: DateTime<Utc>,
     usage: Usage,
 ) -> Result<()> {
-    conn.execute(
-        "UPDATE snapshots SET key = ?2, kind = ?3, created_ns = ?4, updated_ns = ?4, labels = ?5, size = ?6, inodes = ?7
-         WHERE id = ?1",
-        params![
+    conn.prepare_cached("UPDATE snapshots SET key = ?2, kind = ?3, created_ns = ?4, updated_ns = ?4, labels = ?5, size = ?6, inodes = ?7
+         WHERE id = ?1")
+        .and_then(|mut st| st.execute(params![
             id,
             name,
             Kind::Committed.to_db(),
@@ -224,9 +215,8 @@ pub fn commit(
             encode_labels(labels),
             usage.size,
             usage.inodes
-        ],
-    )
-    .map_err(SnapshotError::db("commit snapshot"))?;
+        ]))
+        .map_err(SnapshotError::db("commit snapshot"))?;
     Ok(())
 }
 
@@ -237,17 +227,16 @@ pub fn update_labels(
     labels: &Labels,
     updated: DateTime<Utc>,
 ) -> Result<()> {
-    conn.execute(
-        "UPDATE snapshots SET labels = ?2, updated_ns = ?3 WHERE id = ?1",
-        params![id, encode_labels(labels), to_nanos(updated)],
-    )
-    .map_err(SnapshotError::db("update labels"))?;
+    conn.prepare_cached("UPDATE snapshots SET labels = ?2, updated_ns = ?3 WHERE id = ?1")
+        .and_then(|mut st| st.execute(params![id, encode_labels(labels), to_nanos(updated)]))
+        .map_err(SnapshotError::db("update labels"))?;
     Ok(())
 }
 
 /// Deletes the row `id`.
 pub fn delete(conn: &Connection, id: i64) -> Result<()> {
-    conn.execute("DELETE FROM snapshots WHERE id = ?1", [id])
+    conn.prepare_cached("DELETE FROM snapshots WHERE id = ?1")
+        .and_then(|mut st| st.execute([id]))
         .map_err(SnapshotError::db("delete snapshot"))?;
     Ok(())
 }
