@@ -43,15 +43,12 @@ fn have_go_suite() -> bool {
             .is_ok_and(|o| o.status.success())
 }
 
-/// Builds the Go test binaries once per test process; returns their directory.
+/// Builds the Go test binaries once per test process, under cargo's per-target scratch dir
+/// (rebuilt every run, so they always match the sources); returns their directory.
 fn go_binaries() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let out = tempfile::Builder::new()
-            .prefix("zlayer-go-testsuite-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-testsuite");
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/go-testsuite/build.sh");
         let status = Command::new("sh").arg(&script).arg(&out).status().unwrap();
