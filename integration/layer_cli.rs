@@ -321,6 +321,31 @@ fn journaled_parts(db: &Path) -> Option<(u64, u64)> {
     Some((parts, total))
 }
 
+/// Whether a packed archive waits in the staging dir for its upload to finish.
+fn intent_committed(staging: &Path) -> bool {
+    std::fs::read_dir(staging.join("ready")).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().ends_with(".intent.json"))
+    })
+}
+
+/// Kills `child` (SIGKILL) once `ready` holds; panics if it finishes first.
+fn kill_when(child: &mut std::process::Child, what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("sync finished before it could be killed ({what}): {status}");
+        }
+        if ready() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reached: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 #[test]
 fn kill_9_mid_upload_then_rerun_sends_only_missing_parts() {
     let Some(g) = garage::garage_or_skip("layer-cli-crash") else {
@@ -333,31 +358,41 @@ fn kill_9_mid_upload_then_rerun_sends_only_missing_parts() {
     let upper = node.path("upper");
     random_files(&upper, 5, 64 << 20); // 320 MiB, incompressible
     let db = node.path("state.sqlite");
-
-    let mut child = node
-        .cmd()
-        .args(["sync", "--json", "--id", "crash/0", upper.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let (before, total) = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("sync finished before it could be killed: {status}");
-        }
-        if let Some((parts, total)) = journaled_parts(&db)
-            && total > 0
-            && parts >= (total / 3).max(3)
-        {
-            assert!(parts < total, "all {total} parts journaled before the kill");
-            break (parts, total);
-        }
-        assert!(Instant::now() < deadline, "upload never started");
-        std::thread::sleep(Duration::from_millis(20));
+    let sync = || {
+        node.cmd()
+            .args(["sync", "--json", "--id", "crash/0", upper.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     };
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+
+    // 1. Killed after packing, while the archive streams to a temporary key (not journaled):
+    //    the packed spool and its intent survive.
+    let mut child = sync();
+    kill_when(&mut child, "archive packed", || {
+        intent_committed(&node.path("staging"))
+    });
+    assert_eq!(
+        journaled_parts(&db),
+        Some((0, 0)),
+        "streamed parts are not journaled"
+    );
+
+    // 2. The rerun finishes that archive with the journaled upload; killed in the middle.
+    let mut child = sync();
+    let counted = std::cell::Cell::new((0, 0));
+    kill_when(&mut child, "a third of the parts journaled", || {
+        journaled_parts(&db).is_some_and(|(parts, total)| {
+            counted.set((parts, total));
+            total > 0 && parts >= (total / 3).max(3)
+        })
+    });
+    let (before, total) = counted.get();
+    assert!(
+        before < total,
+        "all {total} parts journaled before the kill"
+    );
     // Parts recorded after the count was read but before the kill landed count too.
     let (recorded, _) = journaled_parts(&db).unwrap();
     assert!(recorded >= before);

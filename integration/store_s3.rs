@@ -21,10 +21,10 @@ use zlayer_storage::store::{
 
 use crate::util::garage::{Garage, garage_or_skip};
 
-const MIB: usize = 1024 * 1024;
+pub(crate) const MIB: usize = 1024 * 1024;
 
 /// Deterministic, poorly compressible bytes.
-fn spool(dir: &Path, name: &str, len: usize, seed: u64) -> PathBuf {
+pub(crate) fn spool(dir: &Path, name: &str, len: usize, seed: u64) -> PathBuf {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let data: Vec<u8> = (0..len)
         .map(|_| {
@@ -50,12 +50,12 @@ async fn assert_object_equals(store: &dyn ObjectStore, key: &str, expected: &Pat
     );
 }
 
-async fn open_s3(cfg: &zlayer_storage::LayerStorageConfig) -> S3Store {
+pub(crate) async fn open_s3(cfg: &zlayer_storage::LayerStorageConfig) -> S3Store {
     S3Store::open(cfg).await.unwrap()
 }
 
 /// Multipart uploads still open under the store's prefix.
-async fn open_uploads(store: &S3Store, prefix: &str) -> Vec<(String, String)> {
+pub(crate) async fn open_uploads(store: &S3Store, prefix: &str) -> Vec<(String, String)> {
     let out = store
         .client()
         .list_multipart_uploads()
@@ -714,7 +714,7 @@ async fn stale_uploads_are_aborted() {
 // Fault injection.
 
 #[derive(Debug, Clone, Copy)]
-enum Fault {
+pub(crate) enum Fault {
     /// Read the request, then reset the connection.
     Reset,
     /// Answer 503 SlowDown and close.
@@ -724,7 +724,7 @@ enum Fault {
 }
 
 /// A loopback TCP proxy in front of Garage whose first `faulty` connections misbehave.
-struct FaultProxy {
+pub(crate) struct FaultProxy {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -737,7 +737,7 @@ impl Drop for FaultProxy {
 }
 
 impl FaultProxy {
-    async fn start(garage: &Garage, fault: Fault, faulty: usize) -> Self {
+    pub(crate) async fn start(garage: &Garage, fault: Fault, faulty: usize) -> Self {
         let upstream: SocketAddr = garage
             .endpoint()
             .trim_start_matches("http://")
@@ -761,18 +761,18 @@ impl FaultProxy {
         }
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    fn connections(&self) -> usize {
+    pub(crate) fn connections(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 }
 
 /// Reads one request head (and a `Content-Length` body) so the client is done sending;
 /// returns the bytes read.
-async fn read_request(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn read_request(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     let head_end = loop {

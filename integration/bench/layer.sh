@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Layer sync benchmark: zlayer-storage sync/restore against the obvious shell pipelines, same Garage.
 #
-#   integration/bench/layer.sh            # builds the release binary, generates ~520 MB, runs once
+#   integration/bench/layer.sh            # builds the release binary, generates ~520 MB, runs 3 rounds
 #
 # Env: ZLAYER_BIN (skip the build), GARAGE_BIN (default: garage on PATH or ~/.cargo/bin/garage),
 #      BENCH_DIR (parent of the scratch dir, default /tmp), BENCH_KEEP=1 (keep the scratch dir),
+#      BENCH_RUNS (rounds, default 3; medians decide, min-max shown),
 #      BENCH_PART_SIZE (bytes, default 16 MiB), BENCH_CONCURRENCY (parts in flight, default 8).
-# Page cache: cannot be dropped reliably here, so every pipeline runs once on a warm cache (the tree
-# is read once before the first measurement). Prints each time, the ratios and PASS/FAIL per target.
+# Page cache: cannot be dropped reliably here, so every pipeline runs on a warm cache (the tree is
+# read once before the first measurement). Prints each time, the ratios and PASS/FAIL per target.
+#
+# Fairness: both sides talk to the same single Garage (default config, which zstd-compresses
+# blocks at level 1: CPU both pay), on the same 2 shared CPUs; the awscli pipeline uses awscli's
+# defaults (8 MiB parts, 10 in flight). Nothing is deleted between rounds: restores go to fresh
+# dirs, because ext4 slows down inode allocation right after mass deletions (`recently_deleted`
+# in the kernel profile), which would penalise whichever restore runs after a cleanup.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -100,8 +107,9 @@ tree_bytes=$(du -sb "$work/tree" | cut -f1)
 echo "tree: $(find "$work/tree" -type f | wc -l) files, $((tree_bytes / 1048576)) MiB"
 tar -C "$work/tree" -cf - . | cat >/dev/null   # warm the page cache
 
-# awscli's defaults are 8 MiB parts x 10 in flight; the config defaults (64 MiB x 4) leave a
-# 300 MB upload with only five parts and a long tail.
+# awscli's defaults are 8 MiB parts x 10 in flight. The streamed upload and the ranged restore
+# cap their parts at 16 MiB whatever part_size_bytes says, so 16 MiB only changes the journaled
+# (resume) path here; 8 in flight instead of the default 4 keeps Garage busy while packing.
 part_size=${BENCH_PART_SIZE:-16777216}
 concurrency=${BENCH_CONCURRENCY:-8}
 cat >"$work/storage.toml" <<EOF
@@ -131,43 +139,61 @@ rss_of() { awk -F: '/Maximum resident set size/ {gsub(/ /,"",$2); print $2}' "$1
 
 zl() { /usr/bin/time -v -o "$work/time.$1" "$ZLAYER_BIN" --config "$work/storage.toml" "${@:2}"; }
 
-echo "compress only: tar | zstd -T0 -3 > /dev/null"
-run_timed compress bash -c "tar -C '$work/tree' -cf - . | zstd -q -T0 -3 > /dev/null"
-echo "awscli pipeline: tar | zstd -T0 -3 | aws s3 cp -"
-run_timed aws_up bash -c "tar -C '$work/tree' -cf - . | zstd -q -T0 -3 | '$AWS' --endpoint-url '$endpoint' s3 cp --only-show-errors - 's3://$bucket/awscli/layer.tar.zst'"
-echo "zlayer-storage sync"
-run_timed sync zl sync sync --id bench/0 "$work/tree" >/dev/null
-echo "zlayer-storage sync (unchanged)"
-run_timed resync zl resync sync --id bench/0 "$work/tree" >/dev/null
-echo "awscli restore: aws s3 cp - | zstd -d | tar -x"
-mkdir "$work/aws-restore"
-run_timed aws_down bash -c "'$AWS' --endpoint-url '$endpoint' s3 cp --only-show-errors 's3://$bucket/awscli/layer.tar.zst' - | zstd -q -d | tar -C '$work/aws-restore' -xf -"
-echo "zlayer-storage restore"
-run_timed restore zl restore restore --id bench/0 "$work/restored" >/dev/null
+runs=${BENCH_RUNS:-3}
+for r in $(seq "$runs"); do
+  echo "round $r/$runs"
+  echo "  compress only: tar | zstd -T0 -3 > /dev/null"
+  run_timed compress bash -c "tar -C '$work/tree' -cf - . | zstd -q -T0 -3 > /dev/null"
+  echo "  awscli pipeline: tar | zstd -T0 -3 | aws s3 cp -"
+  run_timed aws_up bash -c "tar -C '$work/tree' -cf - . | zstd -q -T0 -3 | '$AWS' --endpoint-url '$endpoint' s3 cp --only-show-errors - 's3://$bucket/awscli/layer$r.tar.zst'"
+  echo "  zlayer-storage sync"
+  # A fresh prefix per round: the blob must not exist yet.
+  sed -i "s|^prefix = .*|prefix = \"bench$r/\"|" "$work/storage.toml"
+  run_timed sync zl sync sync --id "bench/$r" "$work/tree" >/dev/null
+  echo "  zlayer-storage sync (unchanged)"
+  run_timed resync zl resync sync --id "bench/$r" "$work/tree" >/dev/null
+  echo "  awscli restore: aws s3 cp - | zstd -d | tar -x"
+  mkdir "$work/aws-restore$r"
+  run_timed aws_down bash -c "'$AWS' --endpoint-url '$endpoint' s3 cp --only-show-errors 's3://$bucket/awscli/layer$r.tar.zst' - | zstd -q -d | tar -C '$work/aws-restore$r' -xf -"
+  echo "  zlayer-storage restore"
+  run_timed restore zl restore restore --id "bench/$r" "$work/restored$r" >/dev/null
+  diff -r "$work/tree" "$work/restored$r" >/dev/null || { echo "FAIL: restored tree differs" >&2; exit 1; }
+  for v in compress aws_up sync resync aws_down restore; do
+    eval "all_$v=\"\${all_$v:-} \$t_$v\""
+  done
+  rss_sync=$(rss_of "$work/time.sync"); rss_restore=$(rss_of "$work/time.restore")
+  all_rss="${all_rss:-} $(( rss_sync > rss_restore ? rss_sync : rss_restore ))"
+  all_rss_sync="${all_rss_sync:-} $rss_sync"; all_rss_restore="${all_rss_restore:-} $rss_restore"
+done
 
-diff -r "$work/tree" "$work/restored" >/dev/null || { echo "FAIL: restored tree differs" >&2; exit 1; }
+# median and "min-max" of a list of numbers
+med() { python3 -c "import statistics,sys; print(round(statistics.median(map(float, sys.argv[1:])), 3))" $1; }
+spread() { python3 -c "import sys; v=sorted(map(float, sys.argv[1:])); print(f'{v[0]:.3f}-{v[-1]:.3f}')" $1; }
+maxof() { python3 -c "import sys; print(int(max(map(float, sys.argv[1:]))))" $1; }
 
-rss_sync=$(rss_of "$work/time.sync"); rss_restore=$(rss_of "$work/time.restore")
-rss_max=$(( rss_sync > rss_restore ? rss_sync : rss_restore ))
 fail=0
 check() { # check LABEL VALUE OP LIMIT
   if python3 -c "import sys; sys.exit(0 if $2 $3 $4 else 1)"; then echo "PASS  $1: $2 (target $3 $4)"
   else echo "FAIL  $1: $2 (target $3 $4)"; fail=1; fi
 }
 ratio() { python3 -c "print(round($1 / $2, 3))"; }
+# per-round ratios, so the spread of a ratio is visible too
+ratios() { python3 -c "import sys; a=list(map(float, sys.argv[1].split())); b=list(map(float, sys.argv[2].split())); v=sorted(x/y for x,y in zip(a,b)); print(f'{v[0]:.2f}-{v[-1]:.2f}')" "$1" "$2"; }
 echo
-echo "== results (warm cache, one run each; tree $((tree_bytes / 1048576)) MiB; parts $((part_size / 1048576)) MiB x $concurrency) =="
-printf '%-44s %8ss\n' "tar | zstd -T0 -3 > /dev/null" "$t_compress" \
-  "tar | zstd -T0 -3 | aws s3 cp -" "$t_aws_up" \
-  "zlayer-storage sync (full)" "$t_sync" \
-  "zlayer-storage sync (unchanged)" "$t_resync" \
-  "aws s3 cp - | zstd -d | tar -x" "$t_aws_down" \
-  "zlayer-storage restore" "$t_restore"
-printf '%-44s %8s MiB\n' "peak RSS sync / restore" "$((rss_sync / 1024)) / $((rss_restore / 1024))"
+echo "== results (warm cache, $runs rounds: median [min-max]; tree $((tree_bytes / 1048576)) MiB; parts $((part_size / 1048576)) MiB x $concurrency) =="
+for row in "tar | zstd -T0 -3 > /dev/null:compress" "tar | zstd -T0 -3 | aws s3 cp -:aws_up" \
+           "zlayer-storage sync (full):sync" "zlayer-storage sync (unchanged):resync" \
+           "aws s3 cp - | zstd -d | tar -x:aws_down" "zlayer-storage restore:restore"; do
+  label=${row%:*}; var=all_${row##*:}
+  printf '%-44s %8ss  [%s]\n' "$label" "$(med "${!var}")" "$(spread "${!var}")"
+done
+printf '%-44s %8s MiB\n' "peak RSS sync / restore (max)" "$(( $(maxof "$all_rss_sync") / 1024 )) / $(( $(maxof "$all_rss_restore") / 1024 ))"
 echo
-check "sync speed-up over awscli pipeline (x)" "$(ratio "$t_aws_up" "$t_sync")" ">=" 1.5
-check "sync time / compress-only time (x)" "$(ratio "$t_sync" "$t_compress")" "<=" 1.3
-check "restore speed-up over awscli pipeline (x)" "$(ratio "$t_aws_down" "$t_restore")" ">=" 1.3
-check "unchanged re-sync / full sync" "$(ratio "$t_resync" "$t_sync")" "<=" 0.05
-check "peak RSS (MiB)" "$((rss_max / 1024))" "<=" 150
+m_compress=$(med "$all_compress"); m_aws_up=$(med "$all_aws_up"); m_sync=$(med "$all_sync")
+m_resync=$(med "$all_resync"); m_aws_down=$(med "$all_aws_down"); m_restore=$(med "$all_restore")
+check "sync speed-up over awscli pipeline (x) [rounds $(ratios "$all_aws_up" "$all_sync")]" "$(ratio "$m_aws_up" "$m_sync")" ">=" 1.5
+check "sync time / compress-only time (x) [rounds $(ratios "$all_sync" "$all_compress")]" "$(ratio "$m_sync" "$m_compress")" "<=" 1.3
+check "restore speed-up over awscli pipeline (x) [rounds $(ratios "$all_aws_down" "$all_restore")]" "$(ratio "$m_aws_down" "$m_restore")" ">=" 1.3
+check "unchanged re-sync / full sync [rounds $(ratios "$all_resync" "$all_sync")]" "$(ratio "$m_resync" "$m_sync")" "<=" 0.05
+check "peak RSS (MiB)" "$(( $(maxof "$all_rss") / 1024 ))" "<=" 150
 exit $fail

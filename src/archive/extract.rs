@@ -185,16 +185,23 @@ impl Extractor {
         .map_err(|e| create_err(e, entry))?;
         let file = File::from(fd);
         let mut pos = 0u64;
+        let mut written_end = 0u64;
         while pos < size {
             let want = usize::try_from(size - pos)
                 .unwrap_or(usize::MAX)
                 .min(self.buf.len());
             read_full(data, &mut self.buf[..want]).map_err(read_err)?;
-            write_sparse(&file, &self.buf[..want], pos)
-                .map_err(extract_err("write data", entry))?;
+            if let Some(end) = write_sparse(&file, &self.buf[..want], pos)
+                .map_err(extract_err("write data", entry))?
+            {
+                written_end = end;
+            }
             pos += want as u64;
         }
-        file.set_len(size).map_err(extract_err("set size", entry))?;
+        // Only a trailing hole leaves the file short (one syscall per file saved otherwise).
+        if written_end != size {
+            file.set_len(size).map_err(extract_err("set size", entry))?;
+        }
         self.apply_fd(file.as_fd(), entry, meta)
     }
 
@@ -454,8 +461,10 @@ fn is_zero(b: &[u8]) -> bool {
         && suffix.iter().all(|x| *x == 0)
 }
 
-/// Writes `buf` at `offset`, skipping 4 KiB blocks (aligned to the file) that are all zero.
-fn write_sparse(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+/// Writes `buf` at `offset`, skipping 4 KiB blocks (aligned to the file) that are all zero;
+/// returns the file offset where the last write ended, if anything was written.
+fn write_sparse(file: &File, buf: &[u8], offset: u64) -> io::Result<Option<u64>> {
+    let mut last_end = None;
     let mut i = 0;
     while i < buf.len() {
         let end = (i + HOLE_BLOCK).min(buf.len());
@@ -472,9 +481,10 @@ fn write_sparse(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
             j = next;
         }
         file.write_all_at(&buf[i..j], offset + i as u64)?;
+        last_end = Some(offset + j as u64);
         i = j;
     }
-    Ok(())
+    Ok(last_end)
 }
 
 /// Where a restore lands: the target's parent, its name, and whether it exists (empty).
@@ -688,6 +698,11 @@ mod tests {
         let f = File::create(&p).unwrap();
         let mut data = vec![0u8; 1 << 20];
         data[..10].fill(7);
+        data[(1 << 20) - 5..].fill(9);
+        assert_eq!(write_sparse(&f, &data, 0).unwrap(), Some(1 << 20));
+        assert_eq!(write_sparse(&f, &[0u8; 8192], 1 << 20).unwrap(), None);
+        data[(1 << 20) - 5..].fill(0);
+        assert_eq!(write_sparse(&f, &data, 0).unwrap(), Some(4096));
         data[(1 << 20) - 5..].fill(9);
         write_sparse(&f, &data, 0).unwrap();
         f.set_len(1 << 20).unwrap();

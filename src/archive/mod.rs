@@ -156,7 +156,29 @@ pub fn pack_to_file(
     opts: &PackOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<PackStats> {
-    pack::pack_to_file(upper, spool, opts, progress)
+    pack::pack_to_file(upper, spool, opts, progress, None)
+}
+
+/// Follows a spool while [`pack_to_file_observed`] writes it, so its finished prefix can be
+/// uploaded before packing ends. The spool is only ever appended to: bytes below the last
+/// `written` total are final.
+pub trait SpoolObserver: Sync {
+    /// The spool was created (under its temp name); `file` is its write handle.
+    fn created(&self, file: &std::fs::File);
+    /// `total` compressed bytes have been written to the spool (visible to readers of the
+    /// same inode, not yet fsynced).
+    fn written(&self, total: u64);
+}
+
+/// [`pack_to_file`], reporting the spool's creation and growth to `observer`.
+pub fn pack_to_file_observed(
+    upper: &Path,
+    spool: &Path,
+    opts: &PackOptions,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    observer: &dyn SpoolObserver,
+) -> Result<PackStats> {
+    pack::pack_to_file(upper, spool, opts, progress, Some(observer))
 }
 
 /// Verifies `spool` against `expected_digest` (`hex` or `sha256:hex`), then restores it into
@@ -170,6 +192,31 @@ pub fn unpack_file(
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<UnpackStats> {
     unpack::unpack_file(spool, expected_digest, target, opts, progress)
+}
+
+/// Restores the compressed archive read from `src` into `target` in a single pass: extracts
+/// into a staging dir while hashing the input (decompression and hashing on a thread of their
+/// own), then swaps the staging dir in only if the
+/// sha256 of everything read equals `expected_digest`. `compressed_size` (the object size)
+/// feeds the expansion-ratio cap; `name` labels errors. Blocking: call from `spawn_blocking`.
+pub fn unpack_reader<R: std::io::Read + Send>(
+    src: R,
+    name: &Path,
+    compressed_size: u64,
+    expected_digest: &str,
+    target: &Path,
+    opts: &UnpackOptions,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<UnpackStats> {
+    unpack::unpack_reader(
+        src,
+        name,
+        compressed_size,
+        expected_digest,
+        target,
+        opts,
+        progress,
+    )
 }
 
 /// Copies an upper dir overlay-exactly (same rules and checks as a restore). Blocking.

@@ -13,7 +13,7 @@ use tar::EntryType;
 use super::error::{ArchiveError, Result, io_err};
 use super::tarout::{EntryMeta, Progress, TarOut};
 use super::walk::{Item, ItemKind, Walker};
-use super::{PackOptions, PackStats, xattr};
+use super::{PackOptions, PackStats, SpoolObserver, xattr};
 
 /// What walking and writing a tree produced.
 #[derive(Debug, Default)]
@@ -138,17 +138,21 @@ fn write_node<W: Write>(
 }
 
 /// Writes compressed bytes to the spool while hashing them.
-struct HashingFile {
+struct HashingFile<'o> {
     file: File,
     hasher: Sha256,
     written: u64,
+    observer: Option<&'o dyn SpoolObserver>,
 }
 
-impl Write for HashingFile {
+impl Write for HashingFile<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.written += n as u64;
+        if let Some(o) = self.observer {
+            o.written(self.written);
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -184,6 +188,7 @@ pub fn pack_to_file(
     spool: &Path,
     opts: &PackOptions,
     progress: Progress<'_>,
+    observer: Option<&dyn SpoolObserver>,
 ) -> Result<PackStats> {
     let (dir, name) = match (spool.parent(), spool.file_name()) {
         (Some(d), Some(n)) => (
@@ -209,6 +214,9 @@ pub fn pack_to_file(
         .open(&tmp)
         .map_err(io_err("create spool", &tmp))?;
     let mut guard = TempGuard(Some(tmp.clone()));
+    if let Some(o) = observer {
+        o.created(&file);
+    }
     let compress = |source| ArchiveError::Compress {
         path: spool.to_owned(),
         source,
@@ -217,6 +225,7 @@ pub fn pack_to_file(
         file,
         hasher: Sha256::new(),
         written: 0,
+        observer,
     };
     let mut enc = zstd::stream::write::Encoder::new(sink, opts.level).map_err(compress)?;
     enc.multithread(opts.workers.max(1)).map_err(compress)?;

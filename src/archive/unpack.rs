@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::mpsc;
 
 use rustix::fs::FileType;
 use sha2::{Digest, Sha256};
@@ -23,6 +24,8 @@ use super::{UnpackOptions, UnpackStats, xattr};
 pub const MAX_EXTENSION_HEADER: u64 = 1 << 20;
 const BLOCK: u64 = 512;
 const PROGRESS_STEP: u64 = 4 << 20;
+/// Read size from a compressed source; large reads mean few syscalls.
+const READ_BUF: usize = 1 << 20;
 
 /// Why [`SourceReader`] stopped; carried inside `io::Error` through the tar crate.
 #[derive(Debug)]
@@ -522,6 +525,181 @@ pub fn extract_into_target<R: Read>(
         },
         Err(e) => Err(staging.discard(e)),
     }
+}
+
+/// Passes bytes through while hashing and counting them.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Decoded tar bytes travel from the decoding thread to the extractor in chunks this size.
+const DECODED_CHUNK: usize = 512 * 1024;
+/// Chunks decoded ahead of the extractor at most (bounds memory and a bomb's head start).
+const DECODED_AHEAD: usize = 4;
+
+/// Hashes and decompresses `src` into chunks for [`ChannelReader`]; then reads whatever is left
+/// of `src` (all of it when the extractor stopped early) and returns the hex sha256 of it all.
+fn decode_and_hash<R: Read>(
+    src: R,
+    tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
+    spare: mpsc::Receiver<Vec<u8>>,
+) -> io::Result<String> {
+    let mut hashing = HashingReader {
+        inner: src,
+        hasher: Sha256::new(),
+        count: 0,
+    };
+    let decoded = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
+        READ_BUF,
+        &mut hashing,
+    ));
+    match decoded {
+        Err(e) => {
+            let _ = tx.send(Err(e));
+        }
+        Ok(mut decoder) => 'chunks: loop {
+            let mut buf = spare.try_recv().unwrap_or_default();
+            buf.resize(DECODED_CHUNK, 0);
+            let mut filled = 0;
+            while filled < buf.len() {
+                match decoder.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        break 'chunks;
+                    }
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            if tx.send(Ok(buf)).is_err() {
+                break; // the extractor stopped
+            }
+        },
+    }
+    drop(tx);
+    io::copy(&mut hashing, &mut io::sink())?;
+    Ok(hex::encode(hashing.hasher.finalize()))
+}
+
+/// The extractor's end of [`decode_and_hash`]; EOF when the decoder is done.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    spare: mpsc::Sender<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(next)) => {
+                    let used = std::mem::replace(&mut self.cur, next);
+                    self.pos = 0;
+                    // Reused by the decoder; gone if it already finished.
+                    let _ = self.spare.send(used);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Extracts a compressed archive while reading it once: one thread hashes and decompresses,
+/// the caller's thread builds the tree in the staging dir; the rest of the input is hashed
+/// too, and only when the digest matches is the staging dir swapped in.
+pub fn unpack_reader<R: Read + Send>(
+    src: R,
+    name: &Path,
+    compressed_size: u64,
+    expected_digest: &str,
+    target: &Path,
+    opts: &UnpackOptions,
+    progress: Progress<'_>,
+) -> Result<UnpackStats> {
+    let expected = parse_digest(expected_digest)?;
+    let slot = check_target(target)?;
+    let (staging, root) = Staging::create(&slot)?;
+    let (tx, rx) = mpsc::sync_channel(DECODED_AHEAD);
+    let (spare_tx, spare_rx) = mpsc::channel();
+    let (extracted, hashed) = std::thread::scope(|scope| {
+        let decoder = std::thread::Builder::new()
+            .name("zlayer-unzstd".into())
+            .spawn_scoped(scope, move || decode_and_hash(src, tx, spare_rx));
+        let decoder = match decoder {
+            Ok(d) => d,
+            Err(e) => return (Err(io_err("spawn decoder for", name)(e)), None),
+        };
+        let reader = ChannelReader {
+            rx,
+            spare: spare_tx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        let src = SourceReader::new(
+            reader,
+            opts.max_uncompressed,
+            Some((compressed_size, opts.max_ratio)),
+            progress,
+        );
+        let count = src.count.clone();
+        let mut ex = Extractor::new(root, opts);
+        // Dropping the reader (inside) tells the decoder to stop decoding and only hash.
+        let extracted =
+            extract_stream(src, &mut ex, name).and_then(|n| Ok((n, count.get(), ex.finish()?)));
+        let hashed = decoder
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("decoder thread panicked")));
+        (extracted, Some(hashed))
+    });
+    // A failed extraction with a digest mismatch is reported as the mismatch: corruption in
+    // transit or at rest, not an archive that was bad when published.
+    let digest = match hashed {
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) if extracted.is_ok() => {
+            return Err(staging.discard(io_err("read", name)(e)));
+        }
+        _ => None,
+    };
+    if let Some(actual) = &digest
+        && *actual != expected
+    {
+        return Err(staging.discard(ArchiveError::DigestMismatch {
+            archive: name.to_owned(),
+            expected,
+            actual: actual.clone(),
+        }));
+    }
+    let (entries, uncompressed_size, root) = match extracted {
+        Ok(v) => v,
+        Err(e) => return Err(staging.discard(e)),
+    };
+    staging.swap(root)?;
+    Ok(UnpackStats {
+        entries,
+        uncompressed_size,
+    })
 }
 
 pub fn unpack_file(

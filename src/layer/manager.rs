@@ -22,6 +22,7 @@ use super::options::{
     UploadSummary,
 };
 use super::spool::{IdentityLock, Intent, Staging, remove_if_exists};
+use super::stream::{RestoreJob, SpoolWatcher, Streaming, UploadGate, download_and_unpack};
 use super::types::{ContainerLayerId, LayerSnapshot, SyncState};
 use crate::archive::{self, PackOptions, UnpackOptions};
 use crate::config::LayerStorageConfig;
@@ -198,9 +199,11 @@ impl LayerSyncManager {
             let inner = Arc::clone(&self.inner);
             let staged = intent.clone();
             blocking(move || inner.staging.rewrite_intent(&staged)).await??;
-            return self.publish(&intent, &spool, opts.progress, false).await;
+            return self
+                .publish(&intent, &spool, opts.progress, false, None)
+                .await;
         }
-        let (packed, stats) = self.pack(id, &upper, opts.progress.clone()).await?;
+        let (packed, stats, stream) = self.pack(id, &upper, opts.progress.clone()).await?;
         let snapshot = LayerSnapshot {
             digest: stats.digest.clone(),
             size_bytes: stats.uncompressed_size,
@@ -214,6 +217,9 @@ impl LayerSyncManager {
             && m.current.digest == snapshot.digest
         {
             tracing::debug!(%id, digest = %snapshot.digest, "content unchanged");
+            if let Some(st) = stream {
+                st.upload.abort().await;
+            }
             remove_if_exists(&packed)?;
             self.record_fingerprint(id, &fingerprint, &snapshot.digest)
                 .await?;
@@ -232,8 +238,18 @@ impl LayerSyncManager {
         };
         let staging_intent = intent.clone();
         let inner = Arc::clone(&self.inner);
-        let spool = blocking(move || inner.staging.commit(&packed, &staging_intent)).await??;
-        self.publish(&intent, &spool, opts.progress, false).await
+        let committed = blocking(move || inner.staging.commit(&packed, &staging_intent)).await;
+        let spool = match committed {
+            Ok(Ok(spool)) => spool,
+            Ok(Err(e)) | Err(e) => {
+                if let Some(st) = stream {
+                    st.upload.abort().await;
+                }
+                return Err(e);
+            }
+        };
+        self.publish(&intent, &spool, opts.progress, false, stream)
+            .await
     }
 
     /// Restores `id`'s current layer into `target` (absent or an empty dir). `None` when the
@@ -263,49 +279,27 @@ impl LayerSyncManager {
         let entry = manifest.current;
         let key = blob_key(&entry.digest);
         let spool = self.inner.staging.temp_path("restore");
-        let total = Some(entry.compressed_size_bytes);
-        let download_progress = opts
-            .progress
-            .clone()
-            .map(|p| accumulate(p, Phase::Download, total));
-        let downloaded = self
-            .inner
-            .store
-            .download_to_file(&key, &spool, download_progress)
-            .await
-            .map_err(store(&key));
-        if let Err(e) = downloaded {
-            remove_if_exists(&spool)?;
-            return Err(e);
-        }
-
-        let unpack = restore_limits(&self.inner.config, &entry, opts.xattr_ns);
-        let (spool2, target2, digest) = (spool.clone(), target.clone(), entry.digest.clone());
-        let progress = opts.progress;
-        let total = Some(entry.size_bytes);
-        let unpacked = blocking(move || {
-            let cb = progress.map(|p| {
-                move |done: u64| {
-                    p(ProgressEvent {
-                        phase: Phase::Unpack,
-                        done,
-                        total,
-                    });
-                }
-            });
-            let cb_ref = cb.as_ref().map(|f| f as &(dyn Fn(u64) + Sync));
-            let stats = archive::unpack_file(&spool2, &digest, &target2, &unpack, cb_ref)?;
-            let fingerprint = archive::fingerprint(&target2)?;
-            Ok::<_, archive::ArchiveError>((stats, fingerprint))
-        })
-        .await;
-        remove_if_exists(&spool)?;
-        let (_stats, fingerprint) = unpacked?.map_err(|source| LayerError::Unpack {
-            id: id.clone(),
+        let job = RestoreJob {
             key: key.clone(),
-            path: target.clone(),
-            source: Box::new(source),
-        })?;
+            spool: spool.clone(),
+            target: target.clone(),
+            limits: restore_limits(&self.inner.config, &entry, opts.xattr_ns),
+            progress: opts.progress,
+        };
+        let (downloaded, unpacked) = download_and_unpack(&self.inner.store, &entry, job).await;
+        remove_if_exists(&spool)?;
+        if let Some(Err(e)) = downloaded {
+            return Err(store(&key)(e));
+        }
+        let (_stats, fingerprint) =
+            unpacked
+                .map_err(LayerError::Join)?
+                .map_err(|source| LayerError::Unpack {
+                    id: id.clone(),
+                    key: key.clone(),
+                    path: target.clone(),
+                    source: Box::new(source),
+                })?;
 
         self.record_fingerprint(id, &fingerprint, &entry.digest)
             .await?;
@@ -356,7 +350,7 @@ impl LayerSyncManager {
                 continue;
             }
             tracing::info!(id = %intent.identity, digest = %intent.snapshot.digest, "finishing interrupted sync");
-            self.publish(&intent, &spool, None, true).await?;
+            self.publish(&intent, &spool, None, true, None).await?;
             done += 1;
         }
         Ok(done)
@@ -412,20 +406,24 @@ impl LayerSyncManager {
         Arc::clone(locks.entry(id.clone()).or_default())
     }
 
+    /// Packs `upper` into a temp spool, streaming it to the store as it grows where the
+    /// backend supports that.
     async fn pack(
         &self,
         id: &ContainerLayerId,
         upper: &Path,
         progress: Option<LayerProgress>,
-    ) -> Result<(PathBuf, archive::PackStats)> {
+    ) -> Result<(PathBuf, archive::PackStats, Option<Streaming>)> {
         let spool = self.inner.staging.temp_path("pack");
         let opts = PackOptions {
             level: self.inner.config.compression_level,
             workers: self.inner.config.compression_workers,
         };
+        let (watcher, created) = SpoolWatcher::new();
         let (upper2, spool2) = (upper.to_path_buf(), spool.clone());
-        let packed = blocking(move || {
-            let cb = progress.map(|p| {
+        let pack_progress = progress.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let cb = pack_progress.map(|p| {
                 move |done: u64| {
                     p(ProgressEvent {
                         phase: Phase::Pack,
@@ -435,23 +433,60 @@ impl LayerSyncManager {
                 }
             });
             let cb_ref = cb.as_ref().map(|f| f as &(dyn Fn(u64) + Sync));
-            archive::pack_to_file(&upper2, &spool2, &opts, cb_ref)
-        })
-        .await?;
+            let res = archive::pack_to_file_observed(&upper2, &spool2, &opts, cb_ref, &watcher);
+            if let Ok(stats) = &res {
+                watcher.complete(stats.compressed_size);
+            }
+            res
+        });
+        // The spool exists once `created` fires; a pack that fails before never sends it.
+        let stream = match created.await {
+            Ok(growing) => self.start_stream(growing, progress).await,
+            Err(_) => None,
+        };
+        let packed = job.await.map_err(LayerError::Join)?;
         match packed {
             Ok(stats) => {
                 for socket in &stats.skipped_sockets {
                     tracing::warn!(%id, socket = %socket.display(), "socket not archived");
                 }
-                Ok((spool, stats))
+                tracing::debug!(%id, digest = %stats.digest, compressed = stats.compressed_size,
+                    streaming = stream.is_some(), "packed");
+                Ok((spool, stats, stream))
             }
             Err(source) => {
+                if let Some(st) = stream {
+                    st.upload.abort().await;
+                }
                 remove_if_exists(&spool)?;
                 Err(LayerError::Pack {
                     id: id.clone(),
                     path: upper.to_path_buf(),
                     source: Box::new(source),
                 })
+            }
+        }
+    }
+
+    /// A streamed upload of `growing`, or `None` where the store does not stream (or cannot
+    /// start: the upload after packing then still works).
+    async fn start_stream(
+        &self,
+        growing: objstore::GrowingFile,
+        progress: Option<LayerProgress>,
+    ) -> Option<Streaming> {
+        let gate = progress.map(UploadGate::new);
+        match self
+            .inner
+            .store
+            .start_streamed_upload(growing, gate.as_ref().map(UploadGate::callback))
+            .await
+        {
+            Ok(Some(upload)) => Some(Streaming { upload, gate }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a streamed upload; uploading after packing");
+                None
             }
         }
     }
@@ -471,25 +506,36 @@ impl LayerSyncManager {
         }
     }
 
-    /// Upload, metadata, manifest, state; then drop the spool. Caller holds the identity lock.
+    /// Upload (finishing `stream` if packing started one), metadata, manifest, state; then drop
+    /// the spool. Caller holds the identity lock.
     async fn publish(
         &self,
         intent: &Intent,
         spool: &Path,
         progress: Option<LayerProgress>,
         resumed: bool,
+        stream: Option<Streaming>,
     ) -> Result<SyncOutcome> {
         let id = &intent.identity;
         let digest = &intent.snapshot.digest;
         let key = blob_key(digest);
-        let total = Some(intent.snapshot.compressed_size_bytes);
-        let upload_progress = progress.map(|p| accumulate(p, Phase::Upload, total));
-        let report = self
-            .inner
-            .store
-            .upload_file(&key, spool, &self.inner.db, upload_progress)
-            .await
-            .map_err(store(&key))?;
+        let total = intent.snapshot.compressed_size_bytes;
+        let uploaded = match stream {
+            Some(st) => {
+                if let Some(g) = &st.gate {
+                    g.open(total);
+                }
+                st.upload.finish(&key, spool, &self.inner.db).await
+            }
+            None => {
+                let upload_progress = progress.map(|p| accumulate(p, Phase::Upload, Some(total)));
+                self.inner
+                    .store
+                    .upload_file(&key, spool, &self.inner.db, upload_progress)
+                    .await
+            }
+        };
+        let report = uploaded.map_err(store(&key))?;
         let upload = UploadSummary {
             parts_total: report.parts_total,
             parts_sent: report.parts_sent,
@@ -710,7 +756,7 @@ pub(super) fn restore_limits(
 }
 
 /// Turns the store's per-call byte deltas into running totals for one phase.
-fn accumulate(p: LayerProgress, phase: Phase, total: Option<u64>) -> objstore::Progress {
+pub(super) fn accumulate(p: LayerProgress, phase: Phase, total: Option<u64>) -> objstore::Progress {
     let done = std::sync::atomic::AtomicU64::new(0);
     Arc::new(move |delta: u64| {
         let now = done.fetch_add(delta, std::sync::atomic::Ordering::Relaxed) + delta;

@@ -7,6 +7,7 @@ mod manager;
 pub mod manifest;
 mod options;
 mod spool;
+mod stream;
 #[cfg(test)]
 mod tests;
 pub mod types;

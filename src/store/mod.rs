@@ -6,6 +6,7 @@
 //! `{digest}.tar.zst` and `{digest}.meta.json`.
 
 mod error;
+mod growing;
 mod local;
 mod s3;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::StoreError;
+pub use growing::{GrowingFile, SpoolFeed, SpoolLen};
 pub use local::LocalStore;
 pub use s3::S3Store;
 
@@ -23,6 +25,10 @@ use error::Result;
 
 /// Called with the number of bytes transferred since the previous call.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Called with the length of the prefix of a download target that is complete (an absolute
+/// length, growing with each call), so a reader can follow a download in progress.
+pub type PrefixReady = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// What a HEAD tells about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,18 +112,71 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         progress: Option<Progress>,
     ) -> Result<UploadReport>;
 
+    /// [`ObjectStore::download_to_file`] that lets a reader follow along: `ready` is called
+    /// whenever the complete prefix of `dest` grows, and bytes below it are final. Backends
+    /// may fetch ranges in parallel and need not fsync `dest` (it is a scratch file the caller
+    /// verifies). The default downloads the whole object, then reports it ready.
+    async fn download_following(
+        &self,
+        key: &str,
+        dest: &Path,
+        ready: PrefixReady,
+        progress: Option<Progress>,
+    ) -> Result<u64> {
+        let n = self.download_to_file(key, dest, progress).await?;
+        ready(n);
+        Ok(n)
+    }
+
+    /// Starts uploading a spool while it is still being written: finished parts go up as
+    /// parts of a temporary upload, and [`StreamedUpload::finish`] turns the whole into the
+    /// content-addressed object once the digest is known. `None` when the backend gains
+    /// nothing from it (the default); the caller then uses [`ObjectStore::upload_file`].
+    ///
+    /// The temporary upload is not journaled: a crash before `finish` leaves the packed spool
+    /// for the journaled path, and the orphan for [`ObjectStore::abort_stale_uploads`].
+    async fn start_streamed_upload(
+        &self,
+        src: GrowingFile,
+        progress: Option<Progress>,
+    ) -> Result<Option<Box<dyn StreamedUpload>>> {
+        let _ = (src, progress);
+        Ok(None)
+    }
+
     /// Keys (relative to the store prefix) starting with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
 
     /// Removes `key`; a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
 
-    /// Removes incomplete uploads older than `older_than`; returns how many.
+    /// Removes incomplete uploads older than `older_than` (multipart uploads, and temporary
+    /// objects a streamed upload left behind); returns how many.
     async fn abort_stale_uploads(
         &self,
         older_than: Duration,
         journal: &dyn UploadJournal,
     ) -> Result<u32>;
+}
+
+/// An upload started by [`ObjectStore::start_streamed_upload`].
+#[async_trait::async_trait]
+pub trait StreamedUpload: Send + Sync + std::fmt::Debug {
+    /// Makes the finished spool (`spool`, complete per its [`SpoolFeed`]) the object `key`.
+    ///
+    /// Skipped when `key` already exists with the spool's size. Where streaming did not work
+    /// out (a part failed, the spool outgrew what can be copied server-side, or was smaller
+    /// than one part) the temporary upload is dropped and `spool` is uploaded with the
+    /// journaled [`ObjectStore::upload_file`] instead, so the result is the same either way.
+    async fn finish(
+        self: Box<Self>,
+        key: &str,
+        spool: &Path,
+        journal: &dyn UploadJournal,
+    ) -> Result<UploadReport>;
+
+    /// Stops sending and removes what was sent (the spool was unchanged or packing failed).
+    async fn abort(self: Box<Self>);
 }
 
 /// Durable record of multipart uploads in flight, so a restarted process can resume them.

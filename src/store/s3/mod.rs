@@ -18,6 +18,7 @@
 //! resume, or that resume starts over (correct, only slower).
 
 mod download;
+mod stream;
 mod upload;
 
 use std::path::Path;
@@ -40,16 +41,16 @@ use tokio::sync::OnceCell;
 use super::error::Result;
 use super::local::RESERVED_PREFIX;
 use super::{
-    ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
-    UploadReport, normalize_prefix, validate_key,
+    GrowingFile, ObjectInfo, ObjectStore, PrefixReady, Progress, PutCondition, PutOutcome,
+    StoreError, StreamedUpload, UploadJournal, UploadReport, normalize_prefix, validate_key,
 };
 use crate::config::{ChecksumMode, LayerStorageConfig, MAX_PART_SIZE, MIN_PART_SIZE};
 
 /// Our own retries around a whole part or a resumed download, on top of the SDK's.
 const OUTER_ATTEMPTS: u32 = 4;
 
-/// Object store on an S3 bucket under a key prefix.
-#[derive(Debug)]
+/// Object store on an S3 bucket under a key prefix. Clones share the client.
+#[derive(Debug, Clone)]
 pub struct S3Store {
     client: Client,
     bucket: String,
@@ -252,6 +253,55 @@ impl S3Store {
                 tracing::warn!(upload_id, error = %err, "cannot abort multipart upload");
             }
         }
+    }
+}
+
+impl S3Store {
+    /// Deletes temporary objects of streamed uploads (a crash between their Complete and
+    /// their deletion leaves one) last modified before `cutoff`; returns how many.
+    async fn delete_stale_stream_objects(&self, cutoff: SystemTime) -> Result<u32> {
+        let dir = format!("{}{}", self.prefix, stream::STREAM_DIR);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&dir)
+            .into_paginator()
+            .send();
+        let mut stale = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_err("list", self.location(&dir), e))?;
+            for obj in page.contents() {
+                let old = obj
+                    .last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .is_some_and(|t| t < cutoff);
+                if old && let Some(k) = obj.key() {
+                    stale.push(k.to_string());
+                }
+            }
+        }
+        let mut deleted = 0;
+        for key in stale {
+            match self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+                .await
+            {
+                Ok(_) => deleted += 1,
+                Err(e) => {
+                    let err = s3_err("delete", self.location(&key), e);
+                    if !is_not_found(&err) {
+                        return Err(err);
+                    }
+                }
+            }
+            tracing::info!(key, "deleted stale temporary object of a streamed upload");
+        }
+        Ok(deleted)
     }
 }
 
@@ -492,6 +542,24 @@ impl ObjectStore for S3Store {
         upload::upload(self, key, src, journal, progress).await
     }
 
+    async fn download_following(
+        &self,
+        key: &str,
+        dest: &Path,
+        ready: PrefixReady,
+        progress: Option<Progress>,
+    ) -> Result<u64> {
+        download::download_ranged(self, key, dest, ready, progress).await
+    }
+
+    async fn start_streamed_upload(
+        &self,
+        src: GrowingFile,
+        progress: Option<Progress>,
+    ) -> Result<Option<Box<dyn StreamedUpload>>> {
+        Ok(Some(Box::new(stream::start(self, src, progress))))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let full_prefix = format!("{}{prefix}", self.prefix);
         let mut pages = self
@@ -611,6 +679,6 @@ impl ObjectStore for S3Store {
             }
             tracing::info!(key, upload_id = id, "aborted stale multipart upload");
         }
-        Ok(aborted)
+        Ok(aborted + self.delete_stale_stream_objects(cutoff).await?)
     }
 }

@@ -30,7 +30,7 @@ use crate::store::error::Result;
 use crate::store::{ObjectStore, Progress, StoreError, UploadJournal, UploadReport, digest_of_key};
 
 /// S3's limit on part numbers.
-const MAX_PARTS: u64 = 10_000;
+pub(super) const MAX_PARTS: u64 = 10_000;
 /// New uploads started after 409 conflicts or vanished uploads before giving up.
 const MAX_ROUNDS: u32 = 3;
 
@@ -197,8 +197,12 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Store
     move |source| StoreError::Io { op, path, source }
 }
 
+/// Read size of part bodies. The SDK's default (4 KiB) costs one trip to the blocking pool per
+/// 4 KiB, which on a small machine takes as much CPU as the service needs to store the data.
+const BODY_READ: usize = 256 * 1024;
+
 /// A body over `len` bytes of `path` at `offset`, re-readable for SDK retries.
-async fn file_body(path: &Path, offset: u64, len: u64) -> Result<ByteStream> {
+pub(super) async fn file_body(path: &Path, offset: u64, len: u64) -> Result<ByteStream> {
     if len == 0 {
         return Ok(ByteStream::from_static(b""));
     }
@@ -206,13 +210,14 @@ async fn file_body(path: &Path, offset: u64, len: u64) -> Result<ByteStream> {
         .path(path)
         .offset(offset)
         .length(Length::Exact(len))
+        .buffer_size(BODY_READ)
         .build()
         .await
         .map_err(|e| io_err("read", path)(std::io::Error::other(e)))
 }
 
 /// Base64 CRC32C of `len` bytes of `path` at `offset`, read on the blocking pool.
-async fn part_crc(path: &Path, offset: u64, len: u64) -> Result<String> {
+pub(super) async fn part_crc(path: &Path, offset: u64, len: u64) -> Result<String> {
     let owned = path.to_path_buf();
     let crc = tokio::task::spawn_blocking(move || -> std::io::Result<u32> {
         let mut f = std::fs::File::open(&owned)?;
@@ -247,11 +252,11 @@ async fn part_crc(path: &Path, offset: u64, len: u64) -> Result<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes()))
 }
 
-fn part_no(n: u32) -> i32 {
+pub(super) fn part_no(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-fn len_i64(n: u64) -> i64 {
+pub(super) fn len_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 

@@ -1,0 +1,572 @@
+//! Streamed uploads: parts of a spool that is still being packed go up while packing goes on.
+//!
+//! The content address is only known when packing ends, so the parts are sent as a multipart
+//! upload under a unique temporary key (`{prefix}.zlayer-stream/…`, a reserved name that never
+//! shows in `list`). At the end the upload is completed and copied server-side (CopyObject) to
+//! `{digest}.tar.zst`, checked with a HEAD, and the temporary object deleted. Whenever that does
+//! not work out the temporary upload is dropped and the finished spool goes through the
+//! journaled [`super::upload`] path instead, which is also what a crash falls back to: the
+//! temporary upload is deliberately not journaled.
+//!
+//! Checksums: every part carries its CRC32C, which the service verifies on receipt, but the
+//! temporary upload is created without an object checksum algorithm. A multipart source with
+//! one makes CopyObject recompute the checksum over the whole object (a full data copy on
+//! Garage, per the S3 rules for multipart sources); without one, Garage copies metadata only.
+//! The content itself is covered by the sha256 key, checked on every restore. A service that
+//! refuses part checksums on such an upload makes the sender fail, and the journaled path
+//! (with an object checksum) takes over.
+//!
+//! Part size: the configured `part_size_bytes`, capped at [`STREAM_PART_CAP`]. Smaller parts
+//! start sending sooner and leave a shorter tail once packing ends; since a streamed object is
+//! never larger than CopyObject's 5 GiB, 16 MiB parts stay far below the 10,000-part limit,
+//! and at that size the per-request overhead is negligible. Parts are all the same size except
+//! the last (as R2 requires).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use aws_sdk_s3::types::CompletedMultipartUpload;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::task::JoinHandle;
+
+use super::upload::{self, MAX_PARTS, file_body, len_i64, part_crc, part_no};
+use super::{OUTER_ATTEMPTS, S3Store, backoff, is_not_found, s3_err};
+use crate::config::MIN_PART_SIZE;
+use crate::layer::types::CompletedPart;
+use crate::store::error::Result;
+use crate::store::{
+    GrowingFile, ObjectStore, Progress, StoreError, StreamedUpload, UploadJournal, UploadReport,
+};
+
+/// Folder of temporary objects under the store prefix.
+pub(super) const STREAM_DIR: &str = ".zlayer-stream/";
+/// CopyObject copies at most 5 GiB; larger spools take the journaled path.
+const COPY_LIMIT: u64 = 5 << 30;
+/// Upper bound of the streamed part size.
+pub(super) const STREAM_PART_CAP: u64 = 16 << 20;
+
+// Even in the smallest parts, a streamed object fits S3's part-number limit.
+const _: () = assert!(COPY_LIMIT / MIN_PART_SIZE <= MAX_PARTS);
+
+/// Part size of streamed uploads for a configured part size.
+pub(super) fn stream_part_size(configured: u64) -> u64 {
+    configured.clamp(MIN_PART_SIZE, STREAM_PART_CAP)
+}
+
+/// How the part sender ended.
+#[derive(Debug)]
+enum Outcome {
+    /// Every byte of the finished spool is in `parts` of `upload_id`.
+    Sent {
+        upload_id: String,
+        parts: BTreeMap<u32, CompletedPart>,
+    },
+    /// Streaming does not apply; the reason is logged.
+    NotStreamed(&'static str),
+}
+
+/// What the part sender works with.
+struct Sender {
+    store: Arc<S3Store>,
+    full: String,
+    src: GrowingFile,
+    part_size: u64,
+    upload_id: Arc<Mutex<Option<String>>>,
+    progress: Option<Progress>,
+    sent: Arc<AtomicU64>,
+}
+
+/// A streamed upload in progress (see the module docs).
+pub(super) struct S3StreamedUpload {
+    store: Arc<S3Store>,
+    /// Temporary key, with the store prefix.
+    temp: String,
+    upload_id: Arc<Mutex<Option<String>>>,
+    task: Option<JoinHandle<Result<Outcome>>>,
+    src: GrowingFile,
+    progress: Option<Progress>,
+    sent: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for S3StreamedUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3StreamedUpload")
+            .field("temp", &self.temp)
+            .field("upload_id", &self.current_id())
+            .field("sent", &self.sent.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts sending the parts of `src` in the background.
+pub(super) fn start(
+    store: &S3Store,
+    src: GrowingFile,
+    progress: Option<Progress>,
+) -> S3StreamedUpload {
+    use std::sync::atomic::AtomicU64 as Counter;
+    static COUNTER: Counter = Counter::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let temp = format!(
+        "{}{STREAM_DIR}{}-{nanos}-{}.tar.zst",
+        store.prefix,
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let store = Arc::new(store.clone());
+    let upload_id = Arc::new(Mutex::new(None));
+    let sent = Arc::new(AtomicU64::new(0));
+    let sender = Sender {
+        store: Arc::clone(&store),
+        full: temp.clone(),
+        src: src.clone(),
+        part_size: stream_part_size(store.part_size),
+        upload_id: Arc::clone(&upload_id),
+        progress: progress.clone(),
+        sent: Arc::clone(&sent),
+    };
+    S3StreamedUpload {
+        store,
+        temp,
+        upload_id,
+        task: Some(tokio::spawn(sender.run())),
+        src,
+        progress,
+        sent,
+    }
+}
+
+fn lock_id(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Sender {
+    async fn run(self) -> Result<Outcome> {
+        let ps = self.part_size;
+        let mut rx = self.src.watch();
+        let mut parts = BTreeMap::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut next: u32 = 1;
+        loop {
+            let state = *rx.borrow_and_update();
+            let created = lock_id(&self.upload_id).clone();
+            if state.complete && created.is_none() && state.len <= ps {
+                return Ok(Outcome::NotStreamed("spool not larger than one part"));
+            }
+            while inflight.len() < self.store.concurrency {
+                let start = u64::from(next - 1) * ps;
+                let len = if state.complete {
+                    state.len.saturating_sub(start).min(ps)
+                } else if state.len >= start + ps {
+                    ps
+                } else {
+                    0
+                };
+                if len == 0 {
+                    break;
+                }
+                if start + len > COPY_LIMIT || u64::from(next) > MAX_PARTS {
+                    return Ok(Outcome::NotStreamed("spool larger than a server-side copy"));
+                }
+                let existing = lock_id(&self.upload_id).clone();
+                let id = match existing {
+                    Some(id) => id,
+                    None => self.create().await?,
+                };
+                inflight.push(self.send(id, next, start, len));
+                next += 1;
+            }
+            let all_scheduled = state.complete && u64::from(next - 1) * ps >= state.len;
+            if all_scheduled && inflight.is_empty() {
+                let Some(upload_id) = lock_id(&self.upload_id).clone() else {
+                    return Ok(Outcome::NotStreamed("nothing was sent"));
+                };
+                return Ok(Outcome::Sent { upload_id, parts });
+            }
+            tokio::select! {
+                Some(res) = inflight.next(), if !inflight.is_empty() => {
+                    let part = res?;
+                    parts.insert(part.part_number, part);
+                }
+                changed = rx.changed(), if !state.complete => {
+                    if changed.is_err() {
+                        return Ok(Outcome::NotStreamed("spool abandoned before completion"));
+                    }
+                }
+                else => return Ok(Outcome::NotStreamed("nothing left to wait for")),
+            }
+        }
+    }
+
+    async fn create(&self) -> Result<String> {
+        let location = self.store.location(&self.full);
+        let mut req = self
+            .store
+            .client
+            .create_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.full);
+        if let Some((sse, kms)) = &self.store.sse {
+            req = req
+                .server_side_encryption(sse.clone())
+                .set_ssekms_key_id(kms.clone());
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| s3_err("create multipart upload", location.clone(), e))?;
+        let id = out
+            .upload_id()
+            .ok_or(StoreError::Protocol {
+                op: "create multipart upload",
+                location,
+                what: "upload id",
+            })?
+            .to_string();
+        *lock_id(&self.upload_id) = Some(id.clone());
+        tracing::debug!(key = self.full, upload_id = id, "started streamed upload");
+        Ok(id)
+    }
+
+    /// One UploadPart read from the spool's final prefix, retried as a whole when transient.
+    async fn send(
+        &self,
+        upload_id: String,
+        n: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<CompletedPart> {
+        let path = self.src.reopen_path();
+        let crc = part_crc(&path, offset, len).await?;
+        let location = format!("{} (part {n})", self.store.location(&self.full));
+        let mut attempt = 0;
+        loop {
+            let res = self
+                .store
+                .client
+                .upload_part()
+                .bucket(&self.store.bucket)
+                .key(&self.full)
+                .upload_id(&upload_id)
+                .part_number(part_no(n))
+                .content_length(len_i64(len))
+                .checksum_crc32_c(&crc)
+                .body(file_body(&path, offset, len).await?)
+                .send()
+                .await;
+            match res {
+                Ok(out) => {
+                    let e_tag = out.e_tag().ok_or_else(|| StoreError::Protocol {
+                        op: "upload part",
+                        location: location.clone(),
+                        what: "etag",
+                    })?;
+                    self.sent.fetch_add(len, Ordering::Relaxed);
+                    if let Some(p) = &self.progress {
+                        p(len);
+                    }
+                    return Ok(CompletedPart {
+                        part_number: n,
+                        e_tag: e_tag.to_string(),
+                        checksum_crc32c: crc,
+                        size: len,
+                    });
+                }
+                Err(e) => {
+                    let err = s3_err("upload part", location.clone(), e);
+                    if err.is_transient() && attempt + 1 < OUTER_ATTEMPTS {
+                        tracing::warn!(error = %err, attempt, "retrying streamed part");
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
+
+impl S3StreamedUpload {
+    fn current_id(&self) -> Option<String> {
+        lock_id(&self.upload_id).clone()
+    }
+
+    /// Stops the sender and removes the temporary upload and object, whatever state they are
+    /// in; failures are only logged (`gc` removes what is left).
+    async fn discard(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        // The sender may have been cancelled between CreateMultipartUpload and recording its
+        // id; the temporary key is unique, so listing it finds such an upload too.
+        let mut ids: Vec<String> = self.current_id().into_iter().collect();
+        match self
+            .store
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.store.bucket)
+            .prefix(&self.temp)
+            .send()
+            .await
+        {
+            Ok(page) => {
+                for u in page.uploads() {
+                    if u.key() == Some(self.temp.as_str())
+                        && let Some(id) = u.upload_id()
+                        && !ids.iter().any(|k| k == id)
+                    {
+                        ids.push(id.to_string());
+                    }
+                }
+            }
+            Err(e) => {
+                let err = s3_err("list multipart uploads", self.store.location(&self.temp), e);
+                tracing::warn!(error = %err, "cannot list streamed uploads to abort");
+            }
+        }
+        for id in ids {
+            self.store.abort_quietly(&self.temp, &id).await;
+        }
+        if let Err(e) = self
+            .store
+            .client
+            .delete_object()
+            .bucket(&self.store.bucket)
+            .key(&self.temp)
+            .send()
+            .await
+        {
+            let err = s3_err("delete", self.store.location(&self.temp), e);
+            if !is_not_found(&err) {
+                tracing::warn!(error = %err, "cannot delete temporary object");
+            }
+        }
+    }
+
+    /// Complete under the temporary key, copy to `full`, verify, delete the temporary object.
+    async fn publish(
+        &self,
+        full: &str,
+        upload_id: &str,
+        parts: &BTreeMap<u32, CompletedPart>,
+        size: u64,
+    ) -> Result<()> {
+        let sent: u64 = parts.values().map(|p| p.size).sum();
+        if sent != size {
+            return Err(StoreError::SizeMismatch {
+                location: self.store.location(&self.temp),
+                expected: size,
+                actual: sent,
+            });
+        }
+        let list = parts
+            .values()
+            .map(|p| {
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(part_no(p.part_number))
+                    .e_tag(&p.e_tag)
+                    .build()
+            })
+            .collect::<Vec<_>>();
+        self.store
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.temp)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(list))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                s3_err(
+                    "complete multipart upload",
+                    self.store.location(&self.temp),
+                    e,
+                )
+            })?;
+        let mut copy = self
+            .store
+            .client
+            .copy_object()
+            .bucket(&self.store.bucket)
+            .key(full)
+            .copy_source(copy_source(&self.store.bucket, &self.temp));
+        if let Some((sse, kms)) = &self.store.sse {
+            copy = copy
+                .server_side_encryption(sse.clone())
+                .set_ssekms_key_id(kms.clone());
+        }
+        copy.send()
+            .await
+            .map_err(|e| s3_err("copy", self.store.location(full), e))?;
+        let head = self
+            .store
+            .client
+            .head_object()
+            .bucket(&self.store.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|e| s3_err("head", self.store.location(full), e))?;
+        let actual = head
+            .content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        if actual != size {
+            return Err(StoreError::SizeMismatch {
+                location: self.store.location(full),
+                expected: size,
+                actual,
+            });
+        }
+        if let Err(e) = self
+            .store
+            .client
+            .delete_object()
+            .bucket(&self.store.bucket)
+            .key(&self.temp)
+            .send()
+            .await
+        {
+            let err = s3_err("delete", self.store.location(&self.temp), e);
+            tracing::warn!(error = %err, "cannot delete temporary object; gc removes it");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for S3StreamedUpload {
+    fn drop(&mut self) {
+        // Dropped without finish/abort (the caller was cancelled): stop sending; the
+        // temporary upload is left to `gc`.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl StreamedUpload for S3StreamedUpload {
+    async fn finish(
+        mut self: Box<Self>,
+        key: &str,
+        spool: &Path,
+        journal: &dyn UploadJournal,
+    ) -> Result<UploadReport> {
+        let full = self.store.full_key(key)?;
+        let state = self.src.state();
+        let exists = self.store.head(key).await?.map(|i| i.size);
+        let outcome = if !state.complete {
+            Ok(Ok(Outcome::NotStreamed("spool not marked complete")))
+        } else if exists == Some(state.len) {
+            Ok(Ok(Outcome::NotStreamed("object already exists")))
+        } else if let Some(task) = self.task.take() {
+            task.await.map_err(|source| StoreError::Task {
+                location: self.store.location(&self.temp),
+                source,
+            })
+        } else {
+            Ok(Ok(Outcome::NotStreamed("sender already stopped")))
+        };
+        let fallback_reason = match outcome {
+            Ok(Ok(Outcome::Sent { upload_id, parts })) => {
+                match self.publish(&full, &upload_id, &parts, state.len).await {
+                    Ok(()) => {
+                        let n = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+                        tracing::debug!(key, parts = n, "streamed upload published");
+                        return Ok(UploadReport {
+                            parts_total: n,
+                            parts_sent: n,
+                            parts_reused: 0,
+                            already_existed: false,
+                        });
+                    }
+                    Err(e) => error_chain(&e),
+                }
+            }
+            Ok(Ok(Outcome::NotStreamed(reason))) => reason.to_string(),
+            Ok(Err(e)) | Err(e) => error_chain(&e),
+        };
+        tracing::debug!(
+            key,
+            reason = fallback_reason,
+            "streamed upload not used; uploading the spool"
+        );
+        self.discard().await;
+        // Bytes sent in the stream were reported already; the journaled path reports its own.
+        let sent = self.sent.swap(0, Ordering::Relaxed);
+        if sent > 0 {
+            tracing::info!(
+                key,
+                sent,
+                reason = fallback_reason,
+                "streamed upload fell back to a plain upload"
+            );
+        }
+        upload::upload(&self.store, key, spool, journal, self.progress.clone()).await
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        self.discard().await;
+    }
+}
+
+fn error_chain(e: &StoreError) -> String {
+    let mut out = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+/// `bucket/key` for CopyObject's `x-amz-copy-source`, percent-encoded except for `/`.
+fn copy_source(bucket: &str, key: &str) -> String {
+    let mut out = String::with_capacity(bucket.len() + key.len() + 1);
+    for b in format!("{bucket}/{key}").bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_parts_are_capped_but_never_below_the_s3_minimum() {
+        assert_eq!(stream_part_size(64 << 20), 16 << 20);
+        assert_eq!(stream_part_size(8 << 20), 8 << 20);
+        assert_eq!(stream_part_size(1 << 20), MIN_PART_SIZE);
+    }
+
+    #[test]
+    fn copy_source_is_percent_encoded() {
+        assert_eq!(
+            copy_source("b", "p x/.zlayer-stream/1-2-3.tar.zst"),
+            "b/p%20x/.zlayer-stream/1-2-3.tar.zst"
+        );
+        assert_eq!(copy_source("b", "ü+"), "b/%C3%BC%2B");
+    }
+}
