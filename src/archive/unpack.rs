@@ -527,18 +527,16 @@ pub fn extract_into_target<R: Read>(
     }
 }
 
-/// Passes bytes through while hashing and counting them.
+/// Passes bytes through while hashing them.
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
-    count: u64,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
-        self.count += n as u64;
         Ok(n)
     }
 }
@@ -558,7 +556,6 @@ fn decode_and_hash<R: Read>(
     let mut hashing = HashingReader {
         inner: src,
         hasher: Sha256::new(),
-        count: 0,
     };
     let decoded = zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(
         READ_BUF,

@@ -1,9 +1,16 @@
 //! [`LayerSyncManager`]: sync an upper dir to the store and restore it, per identity.
 //!
 //! Order of durable steps in a sync: pack to a spool → commit spool + intent in the staging dir →
-//! upload the blob (journaled by the state DB) → metadata → manifest (forward only) → sync state
-//! and fingerprint → delete spool and intent. A crash at any point leaves enough behind for
+//! upload the blob → metadata → manifest (forward only) → sync state and fingerprint → delete
+//! spool and intent. A crash at any point leaves enough behind for
 //! [`LayerSyncManager::resume_pending`] to finish without repacking.
+//!
+//! Where the store supports it, the upload starts while packing (finished parts go up under a
+//! temporary key and are copied to the digest key once packing ends; see
+//! [`crate::store::StreamedUpload`]). That temporary upload is not journaled: a crash falls back
+//! to the journaled upload of the committed spool (state DB), which resumes part by part.
+//! A restore extracts into a staging dir while the download (parallel ranged GETs) fills the
+//! spool, and swaps the tree in only after the digest of the whole archive matched.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -145,9 +145,13 @@ impl Follow {
         }
     }
 
-    /// The download ended, successfully at `len` bytes or (`None`) with an error.
+    /// The download ended, successfully at `len` bytes or (`None`) with an error; only the
+    /// first call counts.
     pub(super) fn end(&self, len: Option<u64>) {
         let mut s = lock(&self.state);
+        if s.ended.is_some() {
+            return;
+        }
         match len {
             Some(n) => {
                 s.ready = s.ready.max(n);
@@ -175,6 +179,16 @@ impl Follow {
                 Err(poisoned) => poisoned.into_inner(),
             };
         }
+    }
+}
+
+/// Ends a [`Follow`] as failed when dropped first: a restore that is cancelled must not leave
+/// its extraction thread waiting for data that never comes.
+struct EndOnDrop(Arc<Follow>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end(None);
     }
 }
 
@@ -253,6 +267,7 @@ pub(super) async fn download_and_unpack(
         Arc::new(move |n| follow.ready(n))
     };
     let reader = FollowReader::new(job.spool.clone(), Arc::clone(&follow));
+    let _cancelled = EndOnDrop(Arc::clone(&follow));
     let (spool, target, digest) = (job.spool.clone(), job.target, entry.digest.clone());
     let (progress, total, compressed) = (
         job.progress,
@@ -327,15 +342,20 @@ mod tests {
         follow.ready(3);
         follow.ready(10);
         follow.end(Some(10));
-        assert_eq!(t.join().unwrap().unwrap(), b"helloworld");
+        drop(EndOnDrop(Arc::clone(&follow)));
+        assert_eq!(
+            t.join().unwrap().unwrap(),
+            b"helloworld",
+            "a late end changes nothing"
+        );
         f.flush().unwrap();
     }
 
     #[test]
-    fn follow_reader_fails_when_the_download_fails() {
+    fn follow_reader_fails_when_the_download_fails_or_is_dropped() {
         let follow = Arc::new(Follow::default());
         let mut r = FollowReader::new(PathBuf::from("/nonexistent"), Arc::clone(&follow));
-        follow.end(None);
+        drop(EndOnDrop(Arc::clone(&follow)));
         let err = r.read(&mut [0u8; 4]).unwrap_err();
         assert!(err.to_string().contains("download failed"), "{err}");
     }
