@@ -6,7 +6,8 @@
 # Env: ZLAYER_BIN (skip the build), GARAGE_BIN (default: garage on PATH or ~/.cargo/bin/garage),
 #      BENCH_DIR (parent of the scratch dir, default /tmp), BENCH_KEEP=1 (keep the scratch dir),
 #      BENCH_RUNS (rounds, default 3; medians decide, min-max shown),
-#      BENCH_PART_SIZE (bytes, default 16 MiB), BENCH_CONCURRENCY (parts in flight, default 8).
+#      BENCH_PART_SIZE (bytes, default 16 MiB), BENCH_CONCURRENCY (parts in flight, default 8),
+#      BENCH_GARAGE_COMPRESSION (Garage's block compression_level, e.g. none; default: Garage's, zstd 1).
 # Page cache: cannot be dropped reliably here, so every pipeline runs on a warm cache (the tree is
 # read once before the first measurement). Prints each time, the ratios and PASS/FAIL per target.
 #
@@ -43,6 +44,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # --- Garage, single node on loopback (same recipe as integration/util/garage.rs) ---------------
 s3_port=$(free_port); rpc_port=$(free_port); admin_port=$(free_port)
 mkdir -p "$work/garage/meta" "$work/garage/data"
+garage_compression=
+[ -n "${BENCH_GARAGE_COMPRESSION:-}" ] && garage_compression="compression_level = \"$BENCH_GARAGE_COMPRESSION\""
 cat >"$work/garage/garage.toml" <<EOF
 metadata_dir = "$work/garage/meta"
 data_dir = "$work/garage/data"
@@ -51,6 +54,7 @@ replication_factor = 1
 rpc_bind_addr = "127.0.0.1:$rpc_port"
 rpc_public_addr = "127.0.0.1:$rpc_port"
 rpc_secret = "$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+$garage_compression
 [s3_api]
 s3_region = "garage"
 api_bind_addr = "127.0.0.1:$s3_port"
