@@ -33,8 +33,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 
-use super::upload::{self, MAX_PARTS, file_body, len_i64, part_crc, part_no};
-use super::{OUTER_ATTEMPTS, S3Store, backoff, is_not_found, s3_err};
+use super::upload::{self, MAX_PARTS, part_no};
+use super::{S3Store, is_not_found, s3_err};
 use crate::config::MIN_PART_SIZE;
 use crate::layer::types::CompletedPart;
 use crate::store::error::Result;
@@ -237,7 +237,7 @@ impl Sender {
         Ok(id)
     }
 
-    /// One UploadPart read from the spool's final prefix, retried as a whole when transient.
+    /// One UploadPart read from the spool's final prefix.
     async fn send(
         &self,
         upload_id: String,
@@ -246,53 +246,21 @@ impl Sender {
         len: u64,
     ) -> Result<CompletedPart> {
         let path = self.src.reopen_path();
-        let crc = part_crc(&path, offset, len).await?;
-        let location = format!("{} (part {n})", self.store.location(&self.full));
-        let mut attempt = 0;
-        loop {
-            let res = self
-                .store
-                .client
-                .upload_part()
-                .bucket(&self.store.bucket)
-                .key(&self.full)
-                .upload_id(&upload_id)
-                .part_number(part_no(n))
-                .content_length(len_i64(len))
-                .checksum_crc32_c(&crc)
-                .body(file_body(&path, offset, len).await?)
-                .send()
-                .await;
-            match res {
-                Ok(out) => {
-                    let e_tag = out.e_tag().ok_or_else(|| StoreError::Protocol {
-                        op: "upload part",
-                        location: location.clone(),
-                        what: "etag",
-                    })?;
-                    self.sent.fetch_add(len, Ordering::Relaxed);
-                    if let Some(p) = &self.progress {
-                        p(len);
-                    }
-                    return Ok(CompletedPart {
-                        part_number: n,
-                        e_tag: e_tag.to_string(),
-                        checksum_crc32c: crc,
-                        size: len,
-                    });
-                }
-                Err(e) => {
-                    let err = s3_err("upload part", location.clone(), e);
-                    if err.is_transient() && attempt + 1 < OUTER_ATTEMPTS {
-                        tracing::warn!(error = %err, attempt, "retrying streamed part");
-                        tokio::time::sleep(backoff(attempt)).await;
-                        attempt += 1;
-                        continue;
-                    }
-                    return Err(err);
-                }
+        let part = upload::FilePart {
+            full: &self.full,
+            upload_id: &upload_id,
+            n,
+            path: &path,
+            offset,
+            len,
+        };
+        upload::upload_file_part(&self.store, &part, |sent| {
+            self.sent.fetch_add(sent, Ordering::Relaxed);
+            if let Some(p) = &self.progress {
+                p(sent);
             }
-        }
+        })
+        .await
     }
 }
 

@@ -563,24 +563,60 @@ async fn send_missing(
     Ok(())
 }
 
-/// One UploadPart with its CRC32C, retried as a whole on transient failures.
+/// One UploadPart of the journaled path.
 async fn send_part(job: &Job<'_>, upload_id: &str, n: u32) -> Result<CompletedPart> {
     let (offset, len) = job.layout.range(n);
-    let crc = part_crc(&job.src, offset, len).await?;
-    let location = format!("{} (part {n})", job.location());
+    let part = FilePart {
+        full: &job.full,
+        upload_id,
+        n,
+        path: &job.src,
+        offset,
+        len,
+    };
+    upload_file_part(job.store, &part, |sent| job.report_progress(sent)).await
+}
+
+/// A byte range of a local file to send as part `n` of `upload_id`.
+#[derive(Debug)]
+pub(super) struct FilePart<'a> {
+    pub full: &'a str,
+    pub upload_id: &'a str,
+    pub n: u32,
+    pub path: &'a Path,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// One UploadPart with its CRC32C (computed from the file, so the server checks what we
+/// meant to send), retried as a whole on transient failures; `on_sent` gets the length once.
+pub(super) async fn upload_file_part(
+    store: &S3Store,
+    part: &FilePart<'_>,
+    on_sent: impl Fn(u64),
+) -> Result<CompletedPart> {
+    let FilePart {
+        full,
+        upload_id,
+        n,
+        path,
+        offset,
+        len,
+    } = *part;
+    let crc = part_crc(path, offset, len).await?;
+    let location = format!("{} (part {n})", store.location(full));
     let mut attempt = 0;
     loop {
-        let res = job
-            .store
+        let res = store
             .client
             .upload_part()
-            .bucket(&job.store.bucket)
-            .key(&job.full)
+            .bucket(&store.bucket)
+            .key(full)
             .upload_id(upload_id)
             .part_number(part_no(n))
             .content_length(len_i64(len))
             .checksum_crc32_c(&crc)
-            .body(file_body(&job.src, offset, len).await?)
+            .body(file_body(path, offset, len).await?)
             .send()
             .await;
         match res {
@@ -590,7 +626,7 @@ async fn send_part(job: &Job<'_>, upload_id: &str, n: u32) -> Result<CompletedPa
                     location: location.clone(),
                     what: "etag",
                 })?;
-                job.report_progress(len);
+                on_sent(len);
                 return Ok(CompletedPart {
                     part_number: n,
                     e_tag: e_tag.to_string(),
