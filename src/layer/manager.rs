@@ -331,6 +331,14 @@ impl LayerSyncManager {
 
     /// Finishes syncs a crash interrupted (upload, metadata, manifest); returns how many.
     pub async fn resume_pending(&self) -> Result<u32> {
+        // Streams cut short by a crash are never finished: their spools go the journaled way.
+        match self.inner.store.abort_orphaned_streams().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "cleaned up streamed uploads of a previous run"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot clean up streamed uploads of a previous run")
+            }
+        }
         let inner = Arc::clone(&self.inner);
         let pending = blocking(move || inner.staging.pending()).await??;
         let mut done = 0;

@@ -134,7 +134,8 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// nothing from it (the default); the caller then uses [`ObjectStore::upload_file`].
     ///
     /// The temporary upload is not journaled: a crash before `finish` leaves the packed spool
-    /// for the journaled path, and the orphan for [`ObjectStore::abort_stale_uploads`].
+    /// for the journaled path, and the orphan for [`ObjectStore::abort_orphaned_streams`]
+    /// (and, for another node's orphans, [`ObjectStore::abort_stale_uploads`]).
     async fn start_streamed_upload(
         &self,
         src: GrowingFile,
@@ -142,6 +143,14 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<Box<dyn StreamedUpload>>> {
         let _ = (src, progress);
         Ok(None)
+    }
+
+    /// Drops this node's streamed uploads whose process is gone (a crash or `kill -9` mid-stream:
+    /// the finished spool is uploaded through the journaled path instead, so the temporary
+    /// upload is never needed again and would otherwise be billed until `abort_stale_uploads`).
+    /// Returns how many uploads and temporary objects were removed.
+    async fn abort_orphaned_streams(&self) -> Result<u32> {
+        Ok(0)
     }
 
     /// Keys (relative to the store prefix) starting with `prefix`, sorted.

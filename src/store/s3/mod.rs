@@ -60,6 +60,8 @@ pub struct S3Store {
     max_retries: u32,
     sse: Option<(ServerSideEncryption, Option<String>)>,
     conditional: OnceCell<bool>,
+    /// Scope of this node's temporary stream keys (see [`stream::node_scope`]).
+    node: String,
 }
 
 impl S3Store {
@@ -165,6 +167,7 @@ impl S3Store {
             max_retries: cfg.max_retries,
             sse,
             conditional: OnceCell::new(),
+            node: stream::node_scope(&cfg.state_db_path),
         })
     }
 
@@ -257,26 +260,67 @@ impl S3Store {
 }
 
 impl S3Store {
+    /// Every multipart upload under `full_prefix`: (full key, upload id, initiated).
+    async fn list_uploads(
+        &self,
+        full_prefix: &str,
+    ) -> Result<Vec<(String, String, Option<SystemTime>)>> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(full_prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| s3_err("list multipart uploads", self.location(full_prefix), e))?;
+            for up in page.uploads() {
+                if let (Some(key), Some(id)) = (up.key(), up.upload_id()) {
+                    let initiated = up.initiated().and_then(|t| SystemTime::try_from(*t).ok());
+                    out.push((key.to_string(), id.to_string(), initiated));
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && id_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes temporary objects of streamed uploads (a crash between their Complete and
-    /// their deletion leaves one) last modified before `cutoff`; returns how many.
-    async fn delete_stale_stream_objects(&self, cutoff: SystemTime) -> Result<u32> {
-        let dir = format!("{}{}", self.prefix, stream::STREAM_DIR);
+    /// their deletion leaves one) under `dir` for which `doomed(key, last_modified)` holds;
+    /// returns how many.
+    async fn delete_stream_objects(
+        &self,
+        dir: &str,
+        doomed: impl Fn(&str, Option<SystemTime>) -> bool,
+    ) -> Result<u32> {
         let mut pages = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
-            .prefix(&dir)
+            .prefix(dir)
             .into_paginator()
             .send();
         let mut stale = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| s3_err("list", self.location(&dir), e))?;
+            let page = page.map_err(|e| s3_err("list", self.location(dir), e))?;
             for obj in page.contents() {
-                let old = obj
+                let modified = obj
                     .last_modified()
-                    .and_then(|t| SystemTime::try_from(*t).ok())
-                    .is_some_and(|t| t < cutoff);
-                if old && let Some(k) = obj.key() {
+                    .and_then(|t| SystemTime::try_from(*t).ok());
+                if let Some(k) = obj.key()
+                    && doomed(k, modified)
+                {
                     stale.push(k.to_string());
                 }
             }
@@ -299,7 +343,7 @@ impl S3Store {
                     }
                 }
             }
-            tracing::info!(key, "deleted stale temporary object of a streamed upload");
+            tracing::info!(key, "deleted temporary object of a streamed upload");
         }
         Ok(deleted)
     }
@@ -560,6 +604,26 @@ impl ObjectStore for S3Store {
         Ok(Some(Box::new(stream::start(self, src, progress))))
     }
 
+    async fn abort_orphaned_streams(&self) -> Result<u32> {
+        let dir = format!("{}{}{}/", self.prefix, stream::STREAM_DIR, self.node);
+        let mut removed = 0;
+        for (key, id, _) in self.list_uploads(&dir).await? {
+            if stream::is_orphan(&key) {
+                self.abort_quietly(&key, &id).await;
+                tracing::info!(
+                    key,
+                    upload_id = id,
+                    "aborted the upload of a stream whose process is gone"
+                );
+                removed += 1;
+            }
+        }
+        Ok(removed
+            + self
+                .delete_stream_objects(&dir, |k, _| stream::is_orphan(k))
+                .await?)
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let full_prefix = format!("{}{prefix}", self.prefix);
         let mut pages = self
@@ -619,40 +683,13 @@ impl ObjectStore for S3Store {
             .checked_sub(older_than)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let known = journal.known_upload_ids().await?;
-        let mut stale = Vec::new();
-        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
-        loop {
-            let page = self
-                .client
-                .list_multipart_uploads()
-                .bucket(&self.bucket)
-                .prefix(&self.prefix)
-                .set_key_marker(key_marker.take())
-                .set_upload_id_marker(id_marker.take())
-                .send()
-                .await
-                .map_err(|e| s3_err("list multipart uploads", self.location(&self.prefix), e))?;
-            for up in page.uploads() {
-                let (Some(key), Some(id)) = (up.key(), up.upload_id()) else {
-                    continue;
-                };
-                let old = up
-                    .initiated()
-                    .and_then(|t| SystemTime::try_from(*t).ok())
-                    .is_some_and(|t| t < cutoff);
-                if old {
-                    stale.push((key.to_string(), id.to_string()));
-                }
-            }
-            if page.is_truncated() != Some(true) {
-                break;
-            }
-            key_marker = page.next_key_marker().map(str::to_string);
-            id_marker = page.next_upload_id_marker().map(str::to_string);
-            if key_marker.is_none() && id_marker.is_none() {
-                break;
-            }
-        }
+        let stale: Vec<(String, String)> = self
+            .list_uploads(&self.prefix)
+            .await?
+            .into_iter()
+            .filter(|(_, _, initiated)| initiated.is_some_and(|t| t < cutoff))
+            .map(|(key, id, _)| (key, id))
+            .collect();
         let mut aborted = 0;
         for (key, id) in stale {
             let res = self
@@ -679,6 +716,8 @@ impl ObjectStore for S3Store {
             }
             tracing::info!(key, upload_id = id, "aborted stale multipart upload");
         }
-        Ok(aborted + self.delete_stale_stream_objects(cutoff).await?)
+        let dir = format!("{}{}", self.prefix, stream::STREAM_DIR);
+        let old = |_: &str, modified: Option<SystemTime>| modified.is_some_and(|t| t < cutoff);
+        Ok(aborted + self.delete_stream_objects(&dir, old).await?)
     }
 }

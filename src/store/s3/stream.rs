@@ -102,6 +102,49 @@ impl std::fmt::Debug for S3StreamedUpload {
     }
 }
 
+/// This node's directory under [`STREAM_DIR`]: a hash of the machine id and the state DB path,
+/// so two nodes sharing a bucket (or two daemons with separate state on one host) never
+/// clean up each other's streams.
+pub(super) fn node_scope(state_db: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let machine = std::fs::read_to_string("/etc/machine-id")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(machine.trim().as_bytes());
+    h.update([0]);
+    h.update(state_db.as_os_str().as_encoded_bytes());
+    hex::encode(&h.finalize()[..8])
+}
+
+/// `<pid>.<session>`: the session tells this process from an earlier one that had its pid.
+fn process_scope() -> &'static str {
+    static SCOPE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SCOPE.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}.{nanos:x}", std::process::id())
+    })
+}
+
+/// True when the stream key `.../<node>/<pid>.<session>/<name>` belongs to a process that is
+/// gone: an earlier incarnation of this pid, or a pid with no live process. Keys of other live
+/// processes on this node (a CLI `sync` next to the daemon) are left alone.
+pub(super) fn is_orphan(full_key: &str) -> bool {
+    let mut parts = full_key.rsplit('/');
+    let (Some(_name), Some(scope)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Some((pid, _session)) = scope.split_once('.') else {
+        return false;
+    };
+    if scope == process_scope() {
+        return false;
+    }
+    pid == std::process::id().to_string() || !Path::new("/proc").join(pid).exists()
+}
+
 /// Starts sending the parts of `src` in the background.
 pub(super) fn start(
     store: &S3Store,
@@ -114,9 +157,10 @@ pub(super) fn start(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let temp = format!(
-        "{}{STREAM_DIR}{}-{nanos}-{}.tar.zst",
+        "{}{STREAM_DIR}{}/{}/{nanos}-{}.tar.zst",
         store.prefix,
-        std::process::id(),
+        store.node,
+        process_scope(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
     let store = Arc::new(store.clone());
@@ -521,6 +565,39 @@ fn copy_source(bucket: &str, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_streams_of_gone_processes_are_orphans() {
+        let dir = "layers/.zlayer-stream/0123456789abcdef";
+        let own = format!("{dir}/{}/1-0.tar.zst", process_scope());
+        assert!(!is_orphan(&own), "this process's own stream");
+        let earlier = format!("{dir}/{}.1/1-0.tar.zst", std::process::id());
+        assert!(is_orphan(&earlier), "an earlier process with this pid");
+        assert!(
+            !is_orphan(&format!("{dir}/1.5/1-0.tar.zst")),
+            "pid 1 is alive"
+        );
+        let gone = (4_000_000..4_194_304)
+            .find(|p| !Path::new("/proc").join(p.to_string()).exists())
+            .unwrap();
+        assert!(
+            is_orphan(&format!("{dir}/{gone}.5/1-0.tar.zst")),
+            "no such pid"
+        );
+        assert!(
+            !is_orphan("layers/.zlayer-stream/x"),
+            "malformed keys are left alone"
+        );
+        assert!(!is_orphan(&format!("{dir}/nodot/1-0.tar.zst")));
+    }
+
+    #[test]
+    fn node_scopes_differ_per_state_db() {
+        let a = node_scope(Path::new("/var/lib/a/state.sqlite"));
+        assert_eq!(a, node_scope(Path::new("/var/lib/a/state.sqlite")));
+        assert_ne!(a, node_scope(Path::new("/var/lib/b/state.sqlite")));
+        assert_eq!(a.len(), 16);
+    }
 
     #[test]
     fn streamed_parts_are_capped_but_never_below_the_s3_minimum() {
