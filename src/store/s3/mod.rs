@@ -260,6 +260,57 @@ impl S3Store {
 }
 
 impl S3Store {
+    /// Deletes the object `full` (a full key); `false` when it was already gone.
+    pub(super) async fn delete_full(&self, full: &str) -> Result<bool> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let err = s3_err("delete", self.location(full), e);
+                if is_not_found(&err) {
+                    Ok(false)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// CreateMultipartUpload for `full` with the store's SSE settings; returns the upload id.
+    pub(super) async fn create_upload(
+        &self,
+        full: &str,
+        checksum: Option<aws_sdk_s3::types::ChecksumAlgorithm>,
+    ) -> Result<String> {
+        let mut req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .set_checksum_algorithm(checksum);
+        if let Some((sse, kms)) = &self.sse {
+            req = req
+                .server_side_encryption(sse.clone())
+                .set_ssekms_key_id(kms.clone());
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| s3_err("create multipart upload", self.location(full), e))?;
+        let id = out.upload_id().ok_or_else(|| StoreError::Protocol {
+            op: "create multipart upload",
+            location: self.location(full),
+            what: "upload id",
+        })?;
+        Ok(id.to_string())
+    }
+
     /// Every multipart upload under `full_prefix`: (full key, upload id, initiated).
     async fn list_uploads(
         &self,
@@ -327,21 +378,8 @@ impl S3Store {
         }
         let mut deleted = 0;
         for key in stale {
-            match self
-                .client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .send()
-                .await
-            {
-                Ok(_) => deleted += 1,
-                Err(e) => {
-                    let err = s3_err("delete", self.location(&key), e);
-                    if !is_not_found(&err) {
-                        return Err(err);
-                    }
-                }
+            if self.delete_full(&key).await? {
+                deleted += 1;
             }
             tracing::info!(key, "deleted temporary object of a streamed upload");
         }
@@ -650,21 +688,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let full = self.full_key(key)?;
-        match self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let err = s3_err("delete", self.location(&full), e);
-                if is_not_found(&err) { Ok(()) } else { Err(err) }
-            }
-        }
+        self.delete_full(&self.full_key(key)?).await.map(drop)
     }
 
     /// Aborts every multipart upload under the prefix initiated before `now - older_than`.

@@ -34,7 +34,7 @@ use futures::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 
 use super::upload::{self, MAX_PARTS, part_no};
-use super::{S3Store, is_not_found, s3_err};
+use super::{S3Store, s3_err};
 use crate::config::MIN_PART_SIZE;
 use crate::layer::types::CompletedPart;
 use crate::store::error::Result;
@@ -251,31 +251,10 @@ impl Sender {
         }
     }
 
+    /// No object-level checksum: with one, Garage's CopyObject re-reads and re-hashes the whole
+    /// object; each part still carries its CRC32C.
     async fn create(&self) -> Result<String> {
-        let location = self.store.location(&self.full);
-        let mut req = self
-            .store
-            .client
-            .create_multipart_upload()
-            .bucket(&self.store.bucket)
-            .key(&self.full);
-        if let Some((sse, kms)) = &self.store.sse {
-            req = req
-                .server_side_encryption(sse.clone())
-                .set_ssekms_key_id(kms.clone());
-        }
-        let out = req
-            .send()
-            .await
-            .map_err(|e| s3_err("create multipart upload", location.clone(), e))?;
-        let id = out
-            .upload_id()
-            .ok_or(StoreError::Protocol {
-                op: "create multipart upload",
-                location,
-                what: "upload id",
-            })?
-            .to_string();
+        let id = self.store.create_upload(&self.full, None).await?;
         *lock_id(&self.upload_id) = Some(id.clone());
         tracing::debug!(key = self.full, upload_id = id, "started streamed upload");
         Ok(id)
@@ -350,19 +329,8 @@ impl S3StreamedUpload {
         for id in ids {
             self.store.abort_quietly(&self.temp, &id).await;
         }
-        if let Err(e) = self
-            .store
-            .client
-            .delete_object()
-            .bucket(&self.store.bucket)
-            .key(&self.temp)
-            .send()
-            .await
-        {
-            let err = s3_err("delete", self.store.location(&self.temp), e);
-            if !is_not_found(&err) {
-                tracing::warn!(error = %err, "cannot delete temporary object");
-            }
+        if let Err(err) = self.store.delete_full(&self.temp).await {
+            tracing::warn!(error = %err, "cannot delete temporary object");
         }
     }
 
@@ -446,16 +414,7 @@ impl S3StreamedUpload {
                 actual,
             });
         }
-        if let Err(e) = self
-            .store
-            .client
-            .delete_object()
-            .bucket(&self.store.bucket)
-            .key(&self.temp)
-            .send()
-            .await
-        {
-            let err = s3_err("delete", self.store.location(&self.temp), e);
+        if let Err(err) = self.store.delete_full(&self.temp).await {
             tracing::warn!(error = %err, "cannot delete temporary object; gc removes it");
         }
         Ok(())

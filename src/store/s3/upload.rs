@@ -392,30 +392,10 @@ async fn multipart(job: &Job<'_>, mut resume: Option<PendingUpload>) -> Result<U
 
 /// Creates the multipart upload and journals it before any part is sent.
 async fn begin(job: &Job<'_>) -> Result<String> {
-    let mut req = job
+    let upload_id = job
         .store
-        .client
-        .create_multipart_upload()
-        .bucket(&job.store.bucket)
-        .key(&job.full)
-        .checksum_algorithm(ChecksumAlgorithm::Crc32C);
-    if let Some((sse, kms)) = &job.store.sse {
-        req = req
-            .server_side_encryption(sse.clone())
-            .set_ssekms_key_id(kms.clone());
-    }
-    let out = req
-        .send()
-        .await
-        .map_err(|e| s3_err("create multipart upload", job.location(), e))?;
-    let upload_id = out
-        .upload_id()
-        .ok_or_else(|| StoreError::Protocol {
-            op: "create multipart upload",
-            location: job.location(),
-            what: "upload id",
-        })?
-        .to_string();
+        .create_upload(&job.full, Some(ChecksumAlgorithm::Crc32C))
+        .await?;
     let pending = PendingUpload {
         upload_id: upload_id.clone(),
         object_key: job.key.to_string(),
