@@ -9,6 +9,8 @@ mod options;
 mod spool;
 mod stream;
 #[cfg(test)]
+pub(crate) mod testenv;
+#[cfg(test)]
 mod tests;
 pub mod types;
 

@@ -13,8 +13,8 @@ use crate::config::LayerStorageConfig;
 use crate::layer::types::ContainerLayerId;
 use crate::state::StateDb;
 use crate::store::{
-    LocalStore, ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError,
-    UploadJournal, UploadReport,
+    ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
+    UploadReport,
 };
 
 type StoreResult<T> = std::result::Result<T, StoreError>;
@@ -117,30 +117,14 @@ impl ObjectStore for Counting {
     }
 }
 
-/// A store dir shared by "nodes", each with its own state DB and staging dir.
-struct Env {
-    dir: tempfile::TempDir,
-    store: Arc<dyn ObjectStore>,
-}
+use super::testenv::SharedStore as Env;
 
 impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(LocalStore::new(&dir.path().join("store"), "layers/").unwrap());
-        Self { dir, store }
-    }
-
-    fn config(&self, node: &str) -> LayerStorageConfig {
-        LayerStorageConfig {
-            local_store_dir: self.dir.path().join("store"),
-            staging_dir: self.dir.path().join(node).join("staging"),
-            state_db_path: self.dir.path().join(node).join("state.sqlite"),
-            ..LayerStorageConfig::default()
-        }
-    }
-
-    async fn node(&self, node: &str, delay: Duration) -> (LayerSyncManager, Arc<Counting>) {
+    async fn counting_node(
+        &self,
+        node: &str,
+        delay: Duration,
+    ) -> (LayerSyncManager, Arc<Counting>) {
         let counting = Counting::new(Arc::clone(&self.store), delay);
         let store: Arc<dyn ObjectStore> = counting.clone();
         let m = LayerSyncManager::with_store(self.config(node), store)
@@ -207,12 +191,12 @@ async fn sync_then_restore_on_an_empty_node_round_trips() {
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (a, _) = env.node("a", Duration::ZERO).await;
+    let (a, _) = env.counting_node("a", Duration::ZERO).await;
     let snap = a.sync_layer(&id("0"), &upper).await.unwrap();
     assert!(!snap.unchanged);
     assert_eq!(snap.digest.len(), 64);
 
-    let (b, _) = env.node("b", Duration::ZERO).await;
+    let (b, _) = env.counting_node("b", Duration::ZERO).await;
     let target = env.path("restored");
     let restored = b.restore_layer(&id("0"), &target).await.unwrap().unwrap();
     assert_eq!(restored.digest, snap.digest);
@@ -256,7 +240,7 @@ async fn second_sync_of_an_unchanged_tree_uploads_nothing() {
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (m, counting) = env.node("a", Duration::ZERO).await;
+    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
     let first = m.sync_layer(&id("0"), &upper).await.unwrap();
     let (uploads, puts) = (
         counting.uploads.load(Ordering::SeqCst),
@@ -286,11 +270,11 @@ async fn equal_digest_with_unknown_fingerprint_is_unchanged_and_learns_the_finge
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (a, _) = env.node("a", Duration::ZERO).await;
+    let (a, _) = env.counting_node("a", Duration::ZERO).await;
     let snap = a.sync_layer(&id("0"), &upper).await.unwrap();
 
     // Node b has never seen this tree: it must pack to find out, then upload nothing.
-    let (b, counting) = env.node("b", Duration::ZERO).await;
+    let (b, counting) = env.counting_node("b", Duration::ZERO).await;
     let db = StateDb::open(&env.config("b").state_db_path).unwrap();
     assert!(db.get_sync_record(&id("0")).await.unwrap().is_none());
     let again = b.sync_layer(&id("0"), &upper).await.unwrap();
@@ -312,9 +296,9 @@ async fn restored_untouched_tree_is_unchanged_on_next_sync() {
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (a, _) = env.node("a", Duration::ZERO).await;
+    let (a, _) = env.counting_node("a", Duration::ZERO).await;
     let snap = a.sync_layer(&id("0"), &upper).await.unwrap();
-    let (b, counting) = env.node("b", Duration::ZERO).await;
+    let (b, counting) = env.counting_node("b", Duration::ZERO).await;
     let target = env.path("restored");
     b.restore_layer(&id("0"), &target).await.unwrap().unwrap();
     let db = StateDb::open(&env.config("b").state_db_path).unwrap();
@@ -335,7 +319,7 @@ async fn restored_untouched_tree_is_unchanged_on_next_sync() {
 #[tokio::test]
 async fn older_seq_uploads_its_blob_but_does_not_move_the_manifest() {
     let env = Env::new();
-    let (m, _) = env.node("a", Duration::ZERO).await;
+    let (m, _) = env.counting_node("a", Duration::ZERO).await;
     let (v1, v2) = (env.path("v1"), env.path("v2"));
     make_tree(&v1, "1");
     make_tree(&v2, "2");
@@ -378,7 +362,7 @@ async fn older_seq_uploads_its_blob_but_does_not_move_the_manifest() {
 #[tokio::test]
 async fn manifest_keeps_history_newest_first() {
     let env = Env::new();
-    let (m, _) = env.node("a", Duration::ZERO).await;
+    let (m, _) = env.counting_node("a", Duration::ZERO).await;
     let upper = env.path("upper");
     make_tree(&upper, "0");
     let mut digests = vec![m.sync_layer(&id("0"), &upper).await.unwrap().digest];
@@ -398,7 +382,7 @@ async fn manifest_keeps_history_newest_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn syncs_of_one_identity_are_serialized_and_of_two_run_in_parallel() {
     let env = Env::new();
-    let (m, counting) = env.node("a", Duration::from_millis(400)).await;
+    let (m, counting) = env.counting_node("a", Duration::from_millis(400)).await;
     let (x, y) = (env.path("x"), env.path("y"));
     make_tree(&x, "x");
     make_tree(&y, "y");
@@ -431,7 +415,7 @@ async fn corrupt_blob_fails_restore_naming_the_key_and_leaves_target_untouched()
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (m, _) = env.node("a", Duration::ZERO).await;
+    let (m, _) = env.counting_node("a", Duration::ZERO).await;
     let snap = m.sync_layer(&id("0"), &upper).await.unwrap();
     let key = blob_key(&snap.digest);
     let mut data = env.store.get_bytes(&key).await.unwrap().unwrap();
@@ -470,7 +454,7 @@ async fn interrupted_sync_is_finished_by_resume_pending() {
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (m, counting) = env.node("a", Duration::ZERO).await;
+    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
     counting.fail_next_upload.store(true, Ordering::SeqCst);
     let err = m.sync_layer(&id("0"), &upper).await.unwrap_err();
     assert!(
@@ -481,7 +465,7 @@ async fn interrupted_sync_is_finished_by_resume_pending() {
     assert!(m.manifest(&id("0")).await.unwrap().is_none());
 
     // A new process (same node) finishes it without repacking.
-    let (m2, counting2) = env.node("a", Duration::ZERO).await;
+    let (m2, counting2) = env.counting_node("a", Duration::ZERO).await;
     assert_eq!(m2.resume_pending().await.unwrap(), 1);
     assert_eq!(counting2.uploads.load(Ordering::SeqCst), 1);
     let manifest = m2.manifest(&id("0")).await.unwrap().unwrap();
@@ -506,7 +490,7 @@ async fn interrupted_latest_wins_sync_does_not_undo_a_newer_one() {
     let (old, new) = (env.path("old"), env.path("new"));
     make_tree(&old, "old");
     make_tree(&new, "new");
-    let (m, counting) = env.node("a", Duration::ZERO).await;
+    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
     counting.fail_next_upload.store(true, Ordering::SeqCst);
     m.sync_layer(&id("0"), &old).await.unwrap_err();
     let newer = m.sync_layer(&id("0"), &new).await.unwrap();
@@ -523,7 +507,7 @@ fn manager_futures_are_send() {
         .build()
         .unwrap();
     let env = Env::new();
-    let (m, _) = rt.block_on(env.node("a", Duration::ZERO));
+    let (m, _) = rt.block_on(env.counting_node("a", Duration::ZERO));
     let i = id("0");
     send(&m.sync_layer(&i, "/nonexistent"));
     send(&m.restore_layer(&i, "/nonexistent"));
@@ -535,7 +519,7 @@ async fn rerun_after_an_interrupted_upload_reuses_the_packed_archive() {
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (m, counting) = env.node("a", Duration::ZERO).await;
+    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
     counting.fail_next_upload.store(true, Ordering::SeqCst);
     m.sync_layer(&id("0"), &upper).await.unwrap_err();
 
@@ -576,7 +560,7 @@ async fn highly_compressible_layer_restores_despite_the_ratio_cap() {
     let upper = env.path("upper");
     std::fs::create_dir(&upper).unwrap();
     std::fs::write(upper.join("zeros"), vec![0u8; 64 << 20]).unwrap();
-    let (m, _) = env.node("a", Duration::ZERO).await;
+    let (m, _) = env.counting_node("a", Duration::ZERO).await;
     let snap = m.sync_layer(&id("0"), &upper).await.unwrap();
     assert!(
         snap.size_bytes / snap.compressed_size_bytes
@@ -616,7 +600,7 @@ async fn resume_skips_identities_locked_by_another_process() {
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
-    let (m, counting) = env.node("a", Duration::ZERO).await;
+    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
     counting.fail_next_upload.store(true, Ordering::SeqCst);
     m.sync_layer(&id("0"), &upper).await.unwrap_err();
 

@@ -15,14 +15,14 @@ use tokio_util::sync::CancellationToken;
 use super::outbox::{MARKER, Marker};
 use super::{Location, PersistOptions, Persistence, Resolution};
 use crate::archive::XattrNs;
-use crate::config::{LayerStorageConfig, OnBaseChange, PersistPolicy};
+use crate::config::{OnBaseChange, PersistPolicy};
 use crate::layer::types::ContainerLayerId;
 use crate::layer::{LayerSyncManager, SyncOptions};
 use crate::snapshotter::containers::{ContainerLookup, ContainerRecord, LookupError};
 use crate::snapshotter::{Labels, Mount, SnapshotError, Snapshotter};
 use crate::store::{
-    LocalStore, ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError,
-    UploadJournal, UploadReport,
+    ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
+    UploadReport,
 };
 use crate::sys::overlay::OverlayFeatures;
 
@@ -173,29 +173,10 @@ impl ContainerLookup for FakeContainers {
     }
 }
 
-/// A store shared by nodes; each node has its own root, state DB and staging dir.
-struct Env {
-    dir: tempfile::TempDir,
-    store: Arc<dyn ObjectStore>,
-}
+/// A store shared by nodes; each node also has its own snapshotter root.
+use crate::layer::testenv::SharedStore as Env;
 
 impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(LocalStore::new(&dir.path().join("store"), "layers/").unwrap());
-        Self { dir, store }
-    }
-
-    fn storage(&self, node: &str) -> LayerStorageConfig {
-        LayerStorageConfig {
-            local_store_dir: self.dir.path().join("store"),
-            staging_dir: self.dir.path().join(node).join("staging"),
-            state_db_path: self.dir.path().join(node).join("state.sqlite"),
-            ..LayerStorageConfig::default()
-        }
-    }
-
     fn node(&self, name: &str, opts: PersistOptions, gate: Arc<Gate>, worker: bool) -> Node {
         self.node_with(
             name,
@@ -221,7 +202,7 @@ impl Env {
             .unwrap();
         let store: Arc<dyn ObjectStore> = gate.clone();
         let manager = rt
-            .block_on(LayerSyncManager::with_store(self.storage(name), store))
+            .block_on(LayerSyncManager::with_store(self.config(name), store))
             .unwrap();
         let lookup: Arc<dyn ContainerLookup> = containers.clone();
         let persist = Arc::new(Persistence::new(opts, manager, lookup, rt.handle().clone()));
