@@ -234,12 +234,10 @@ pub fn pack_to_file(
     let tree = write_tree(upper, &mut out)?;
     let (enc, uncompressed_size, tar_digest) = out.finish()?;
     let sink = enc.finish().map_err(compress)?;
-    sink.file.sync_all().map_err(io_err("fsync", &tmp))?;
+    // Not fsynced: a spool is a cache of its source tree, and whoever keeps one across a crash
+    // checks it against its digest before use (see `layer::spool`).
     fs::rename(&tmp, spool).map_err(io_err("rename spool into", spool))?;
     guard.0 = None;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))?;
     Ok(PackStats {
         digest: hex::encode(sink.hasher.finalize()),
         uncompressed_digest: tar_digest.unwrap_or_default(),

@@ -95,7 +95,7 @@ impl<'a, W: Write> TarOut<'a, W> {
     pub fn new(sink: W, sink_name: &Path, hash: bool, progress: Progress<'a>) -> Result<Self> {
         let hasher = if hash {
             Some(
-                HashThread::spawn(2).map_err(|source| ArchiveError::Compress {
+                HashThread::spawn(4).map_err(|source| ArchiveError::Compress {
                     path: sink_name.to_owned(),
                     source,
                 })?,

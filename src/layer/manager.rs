@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::error::{LayerError, Result, store};
 use super::manifest::{
@@ -166,24 +166,23 @@ impl LayerSyncManager {
         let _file_lock = self.file_lock(id, true).await?;
         let started_at = Utc::now();
 
+        // The metadata walk, the manifest GET and the state read are independent: overlap them.
         let fp_path = upper.clone();
-        let fingerprint = blocking(move || archive::fingerprint(&fp_path))
-            .await?
-            .map_err(|source| LayerError::Fingerprint {
-                id: id.clone(),
-                path: upper.clone(),
-                source: Box::new(source),
-            })?;
-        let manifest = self.read_manifest(id).await?;
-        let record =
-            self.inner
-                .db
-                .get_sync_record(id)
-                .await
-                .map_err(|source| LayerError::State {
-                    id: id.clone(),
-                    source: Box::new(source),
-                })?;
+        let (fingerprint, manifest, record) = tokio::join!(
+            blocking(move || archive::fingerprint(&fp_path)),
+            self.read_manifest(id),
+            self.inner.db.get_sync_record(id),
+        );
+        let fingerprint = fingerprint?.map_err(|source| LayerError::Fingerprint {
+            id: id.clone(),
+            path: upper.clone(),
+            source: Box::new(source),
+        })?;
+        let manifest = manifest?;
+        let record = record.map_err(|source| LayerError::State {
+            id: id.clone(),
+            source: Box::new(source),
+        })?;
         if let (Some(m), Some(rec)) = (&manifest, &record)
             && rec.fingerprint.as_deref() == Some(fingerprint.as_str())
             && rec.fingerprint_digest.as_deref() == Some(m.current.digest.as_str())
@@ -210,7 +209,41 @@ impl LayerSyncManager {
                 .publish(&intent, &spool, opts.progress, false, None)
                 .await;
         }
-        let (packed, stats, stream) = self.pack(id, &upper, opts.progress.clone()).await?;
+        // The manifest write at the end may need to know whether the store enforces conditional
+        // writes; probing now, while packing, keeps those requests off the tail.
+        // Awaited before returning so a short-lived process never cuts it between its writes.
+        let store = Arc::clone(&self.inner.store);
+        let probe = tokio::spawn(async move {
+            if let Err(e) = store.conditional_writes().await {
+                tracing::debug!(error = %e, "early conditional-write probe failed; retried when needed");
+            }
+        });
+        let fresh = Fresh {
+            fingerprint,
+            manifest,
+            ticket,
+            started_at,
+        };
+        let result = self.pack_and_publish(id, &upper, opts, fresh).await;
+        let _ = probe.await;
+        result
+    }
+
+    /// The part of a sync after the unchanged checks: pack, compare, stage, publish.
+    async fn pack_and_publish(
+        &self,
+        id: &ContainerLayerId,
+        upper: &Path,
+        opts: SyncOptions,
+        fresh: Fresh,
+    ) -> Result<SyncOutcome> {
+        let Fresh {
+            fingerprint,
+            manifest,
+            ticket,
+            started_at,
+        } = fresh;
+        let (packed, stats, stream) = self.pack(id, upper, opts.progress.clone()).await?;
         let snapshot = LayerSnapshot {
             digest: stats.digest.clone(),
             size_bytes: stats.uncompressed_size,
@@ -357,11 +390,7 @@ impl LayerSyncManager {
             {
                 continue;
             }
-            if !spool.exists() {
-                tracing::warn!(id = %intent.identity, spool = %spool.display(), "interrupted sync lost its archive; dropping it");
-                self.inner
-                    .staging
-                    .finish(&intent.identity, &intent.snapshot.digest)?;
+            if !self.intact_or_dropped(&intent, &spool).await? {
                 continue;
             }
             tracing::info!(id = %intent.identity, digest = %intent.snapshot.digest, "finishing interrupted sync");
@@ -398,11 +427,32 @@ impl LayerSyncManager {
     ) -> Result<Option<(Intent, PathBuf)>> {
         let inner = Arc::clone(&self.inner);
         let pending = blocking(move || inner.staging.pending()).await??;
-        Ok(pending.into_iter().rev().find(|(intent, spool)| {
+        let found = pending.into_iter().rev().find(|(intent, spool)| {
             &intent.identity == id
                 && intent.fingerprint.as_deref() == Some(fingerprint)
                 && spool.exists()
-        }))
+        });
+        match found {
+            Some((intent, spool)) if self.intact_or_dropped(&intent, &spool).await? => {
+                Ok(Some((intent, spool)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Checks an interrupted sync's archive against its intent; a missing or damaged one (a
+    /// power loss before writeback) is dropped with its intent, and false returned.
+    async fn intact_or_dropped(&self, intent: &Intent, spool: &Path) -> Result<bool> {
+        let (checked, path) = (intent.clone(), spool.to_path_buf());
+        if blocking(move || Staging::intact(&checked, &path)).await?? {
+            return Ok(true);
+        }
+        tracing::warn!(id = %intent.identity, digest = %intent.snapshot.digest, spool = %spool.display(),
+            "interrupted sync's archive is missing or damaged; dropping it (the next sync packs again)");
+        let inner = Arc::clone(&self.inner);
+        let (id, digest) = (intent.identity.clone(), intent.snapshot.digest.clone());
+        blocking(move || inner.staging.finish(&id, &digest)).await??;
+        Ok(false)
     }
 
     async fn file_lock(&self, id: &ContainerLayerId, wait: bool) -> Result<Option<IdentityLock>> {
@@ -535,29 +585,6 @@ impl LayerSyncManager {
         let digest = &intent.snapshot.digest;
         let key = blob_key(digest);
         let total = intent.snapshot.compressed_size_bytes;
-        let uploaded = match stream {
-            Some(st) => {
-                if let Some(g) = &st.gate {
-                    g.open(total);
-                }
-                st.upload.finish(&key, spool, &self.inner.db).await
-            }
-            None => {
-                let upload_progress = progress.map(|p| accumulate(p, Phase::Upload, Some(total)));
-                self.inner
-                    .store
-                    .upload_file(&key, spool, &self.inner.db, upload_progress)
-                    .await
-            }
-        };
-        let report = uploaded.map_err(store(&key))?;
-        let upload = UploadSummary {
-            parts_total: report.parts_total,
-            parts_sent: report.parts_sent,
-            parts_reused: report.parts_reused,
-            already_existed: report.already_existed,
-        };
-
         let meta = LayerMeta {
             identity: id.clone(),
             snapshot: intent.snapshot.clone(),
@@ -569,20 +596,54 @@ impl LayerSyncManager {
                 source,
             })?;
         let mkey = meta_key(digest);
-        self.inner
-            .store
-            .put_bytes(&mkey, meta_bytes, PutCondition::None)
-            .await
-            .map_err(store(&mkey))?;
+        let uploaded = async {
+            match stream {
+                Some(st) => {
+                    if let Some(g) = &st.gate {
+                        g.open(total);
+                    }
+                    st.upload.finish(&key, spool, &self.inner.db).await
+                }
+                None => {
+                    let upload_progress =
+                        progress.map(|p| accumulate(p, Phase::Upload, Some(total)));
+                    self.inner
+                        .store
+                        .upload_file(&key, spool, &self.inner.db, upload_progress)
+                        .await
+                }
+            }
+            .map_err(store(&key))
+        };
+        // The metadata object is only read next to the blob, and only the manifest (written
+        // after both) makes the layer visible, so it can travel with the blob's last parts.
+        let meta_put = async {
+            self.inner
+                .store
+                .put_bytes(&mkey, meta_bytes, PutCondition::None)
+                .await
+                .map_err(store(&mkey))
+        };
+        let (report, _) = tokio::try_join!(uploaded, meta_put)?;
+        let upload = UploadSummary {
+            parts_total: report.parts_total,
+            parts_sent: report.parts_sent,
+            parts_reused: report.parts_reused,
+            already_existed: report.already_existed,
+        };
 
         let (seq, moved) = self.advance_manifest(intent, resumed).await?;
-        self.put_state(id, digest).await?;
-        if let Some(fp) = &intent.fingerprint {
-            self.record_fingerprint(id, fp, digest).await?;
-        }
+        let local_state = async {
+            self.put_state(id, digest).await?;
+            if let Some(fp) = &intent.fingerprint {
+                self.record_fingerprint(id, fp, digest).await?;
+            }
+            Ok(())
+        };
         let inner = Arc::clone(&self.inner);
         let (id2, digest2) = (id.clone(), digest.clone());
-        blocking(move || inner.staging.finish(&id2, &digest2)).await??;
+        let staging_done = async { blocking(move || inner.staging.finish(&id2, &digest2)).await? };
+        tokio::try_join!(local_state, staging_done)?;
         tracing::info!(%id, %digest, seq, manifest_moved = moved, parts_sent = upload.parts_sent,
             parts_reused = upload.parts_reused, "layer synced");
         Ok(SyncOutcome {
@@ -784,6 +845,14 @@ pub(super) fn accumulate(p: LayerProgress, phase: Phase, total: Option<u64>) -> 
 }
 
 /// Runs blocking work (filesystem, tar, zstd) off the async threads.
+/// What a sync learned before packing.
+struct Fresh {
+    fingerprint: String,
+    manifest: Option<LayerManifest>,
+    ticket: u64,
+    started_at: DateTime<Utc>,
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await

@@ -3,6 +3,12 @@
 //! A packed archive is renamed to `ready/{identity}.{digest}.tar.zst` and an intent file is written
 //! next to it *before* the upload starts, so a sync killed mid-upload can be finished later
 //! (blob, metadata and manifest) by `resume_pending`/`gc` without repacking.
+//!
+//! Archives are not fsynced: after a power loss one may be short or hold zeros, so every resume
+//! checks it against the digest in its (fsynced) intent first ([`Staging::intact`]) and drops a
+//! damaged one. Its source (the upper dir, or the snapshotter's outbox copy) outlives the intent,
+//! so the next sync packs it again. Writing each archive back to disk up front would cost a
+//! synchronous write of the whole layer on every sync to save a repack after a rare crash.
 
 use std::fs::File;
 use std::io::Write;
@@ -89,9 +95,6 @@ impl Staging {
     /// Moves a packed archive into `ready/` and records what remains to be done, durably.
     pub fn commit(&self, packed: &Path, intent: &Intent) -> Result<PathBuf> {
         let blob = self.ready_path(&intent.identity, &intent.snapshot.digest);
-        File::open(packed)
-            .and_then(|f| f.sync_all())
-            .map_err(io(packed))?;
         std::fs::rename(packed, &blob).map_err(io(&blob))?;
         self.rewrite_intent(intent)?;
         Ok(blob)
@@ -114,6 +117,24 @@ impl Staging {
     pub fn finish(&self, id: &ContainerLayerId, digest: &str) -> Result<()> {
         remove_if_exists(&self.intent_path(id, digest))?;
         remove_if_exists(&self.ready_path(id, digest))
+    }
+
+    /// Whether `blob` still holds exactly the archive `intent` describes (size and sha256).
+    /// Blocking: reads the whole file.
+    pub fn intact(intent: &Intent, blob: &Path) -> Result<bool> {
+        use sha2::{Digest, Sha256};
+        let mut f = match File::open(blob) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(blob)(e)),
+        };
+        let len = f.metadata().map_err(io(blob))?.len();
+        if len != intent.snapshot.compressed_size_bytes {
+            return Ok(false);
+        }
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut f, &mut hasher).map_err(io(blob))?;
+        Ok(hex::encode(hasher.finalize()) == intent.snapshot.digest)
     }
 
     /// Whether the intent of `id` and `digest` is still pending.

@@ -484,6 +484,47 @@ async fn interrupted_sync_is_finished_by_resume_pending() {
     );
 }
 
+/// A sync of identity `0` on node `a` that packed its tree and then failed its upload.
+async fn interrupted_sync() -> (Env, PathBuf, LayerSyncManager, Arc<Counting>) {
+    let env = Env::new();
+    let upper = env.path("upper");
+    make_tree(&upper, "a");
+    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
+    counting.fail_next_upload.store(true, Ordering::SeqCst);
+    m.sync_layer(&id("0"), &upper).await.unwrap_err();
+    (env, upper, m, counting)
+}
+
+/// Spools are not fsynced; one damaged by a power loss (here: same size, zeroed) must never be
+/// published under its digest. Resume drops it and the next sync packs the tree again.
+#[tokio::test]
+async fn damaged_spool_of_an_interrupted_sync_is_dropped_not_published() {
+    let (env, upper, m, counting) = interrupted_sync().await;
+    let ready = env.path("a").join("staging").join("ready");
+    let blobs: Vec<PathBuf> = std::fs::read_dir(&ready)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".tar.zst"))
+        .collect();
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    let len = std::fs::metadata(&blobs[0]).unwrap().len();
+    std::fs::write(&blobs[0], vec![0u8; usize::try_from(len).unwrap()]).unwrap();
+
+    let (m2, counting2) = env.counting_node("a", Duration::ZERO).await;
+    assert_eq!(m2.resume_pending().await.unwrap(), 0);
+    assert_eq!(counting2.uploads.load(Ordering::SeqCst), 0);
+    assert!(m2.manifest(&id("0")).await.unwrap().is_none());
+    assert_no_spools(&env, "a");
+
+    // The same tree again: packed afresh (no stale archive reused), published, restorable.
+    let snap = m2.sync_layer(&id("0"), &upper).await.unwrap();
+    assert!(!snap.unchanged);
+    assert_eq!(counting2.uploads.load(Ordering::SeqCst), 1);
+    let target = env.path("restored");
+    m2.restore_layer(&id("0"), &target).await.unwrap().unwrap();
+    assert_eq!(describe_tree(&upper), describe_tree(&target));
+}
+
 #[tokio::test]
 async fn interrupted_latest_wins_sync_does_not_undo_a_newer_one() {
     let env = Env::new();
@@ -516,12 +557,7 @@ fn manager_futures_are_send() {
 
 #[tokio::test]
 async fn rerun_after_an_interrupted_upload_reuses_the_packed_archive() {
-    let env = Env::new();
-    let upper = env.path("upper");
-    make_tree(&upper, "a");
-    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
-    counting.fail_next_upload.store(true, Ordering::SeqCst);
-    m.sync_layer(&id("0"), &upper).await.unwrap_err();
+    let (env, upper, m, counting) = interrupted_sync().await;
 
     let phases = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = Arc::clone(&phases);
@@ -597,12 +633,7 @@ fn restore_is_capped_at_the_declared_size() {
 
 #[tokio::test]
 async fn resume_skips_identities_locked_by_another_process() {
-    let env = Env::new();
-    let upper = env.path("upper");
-    make_tree(&upper, "a");
-    let (m, counting) = env.counting_node("a", Duration::ZERO).await;
-    counting.fail_next_upload.store(true, Ordering::SeqCst);
-    m.sync_layer(&id("0"), &upper).await.unwrap_err();
+    let (env, upper, m, counting) = interrupted_sync().await;
 
     // Another process (its own open of the lock file) is working on the identity.
     let other = super::spool::Staging::open(&env.config("a").staging_dir).unwrap();
