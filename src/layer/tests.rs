@@ -499,7 +499,7 @@ async fn interrupted_sync() -> (Env, PathBuf, LayerSyncManager, Arc<Counting>) {
 /// published under its digest. Resume drops it and the next sync packs the tree again.
 #[tokio::test]
 async fn damaged_spool_of_an_interrupted_sync_is_dropped_not_published() {
-    let (env, upper, m, counting) = interrupted_sync().await;
+    let (env, upper, _m, _counting) = interrupted_sync().await;
     let ready = env.path("a").join("staging").join("ready");
     let blobs: Vec<PathBuf> = std::fs::read_dir(&ready)
         .unwrap()
@@ -633,7 +633,7 @@ fn restore_is_capped_at_the_declared_size() {
 
 #[tokio::test]
 async fn resume_skips_identities_locked_by_another_process() {
-    let (env, upper, m, counting) = interrupted_sync().await;
+    let (env, _upper, m, _counting) = interrupted_sync().await;
 
     // Another process (its own open of the lock file) is working on the identity.
     let other = super::spool::Staging::open(&env.config("a").staging_dir).unwrap();
