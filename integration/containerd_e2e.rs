@@ -68,6 +68,72 @@ fn run_zlayer(c: &Containerd, identity: Option<&str>, rm: bool, id: &str, script
     c.ctr_ok(&run_args(identity, &mut label, rm, id, script))
 }
 
+/// Runs `command` (a shell script) in a container `id` that is kept (not `--rm`), its stdout
+/// redirected to a result file `/zl-result-<id>` that is then printed. Returns that file as read from the
+/// container's upper dir, and `ctr`'s output. ctr of containerd 1.6 can lose a short-lived
+/// task's stdout (`task.Delete` closes the output FIFOs before draining them; fixed upstream by
+/// containerd#8643), so the file is the result and the printed copy is checked when it arrived.
+fn run_kept(
+    c: &Containerd,
+    identity: Option<&str>,
+    id: &str,
+    command: &str,
+) -> (String, std::process::Output) {
+    let file = format!("zl-result-{id}");
+    let script = format!("{{ {command}\n}} > /{file} && cat /{file}");
+    let mut label = String::new();
+    let out = c.ctr(&run_args(identity, &mut label, false, id, &script));
+    assert!(
+        out.status.success(),
+        "ctr run {id} failed:\n{}",
+        describe_run(&out)
+    );
+    let path = upper_dir(c, id).join(&file);
+    let result = fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{id} left no {}: {e}\n{}",
+            path.display(),
+            describe_run(&out)
+        )
+    });
+    let printed = String::from_utf8_lossy(&out.stdout);
+    if printed.is_empty() && !result.is_empty() {
+        eprintln!(
+            "note: ctr lost the stdout of {id} (containerd 1.6 FIFO race); using its result file"
+        );
+    } else {
+        assert_eq!(
+            printed,
+            result,
+            "{id} printed something else than it wrote:\n{}",
+            describe_run(&out)
+        );
+    }
+    (result, out)
+}
+
+/// A `ctr` run's whole outcome, for failure messages.
+fn describe_run(out: &std::process::Output) -> String {
+    format!(
+        "status: {}\nstdout: {:?}\nstderr: {:?}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The hash in `sha256sum PATH`'s output, which must be exactly `<64 hex>  PATH\n`.
+fn sha256sum_line<'a>(output: &'a str, path: &str) -> Option<&'a str> {
+    let line = output.strip_suffix('\n')?;
+    let (hash, rest) = line.split_once("  ")?;
+    (rest == path
+        && hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(hash)
+}
+
 /// The upper dir of an active snapshot, from `ctr snapshots mounts` (layout independent).
 fn upper_dir(c: &Containerd, key: &str) -> PathBuf {
     let out = c.ctr_ok(&[
@@ -88,6 +154,15 @@ fn upper_dir(c: &Containerd, key: &str) -> PathBuf {
 /// Waits until `identity`'s layer can be restored from the store by a separate CLI process
 /// (which proves it is durable there), and returns the restored upper dir.
 fn wait_durable(node: &Node, identity: &str, timeout: Duration) -> tempfile::TempDir {
+    wait_durable_report(node, identity, timeout).0
+}
+
+/// [`wait_durable`], also returning what the CLI printed (the restored digest).
+fn wait_durable_report(
+    node: &Node,
+    identity: &str,
+    timeout: Duration,
+) -> (tempfile::TempDir, String) {
     let deadline = Instant::now() + timeout;
     loop {
         let dir = tempfile::Builder::new()
@@ -99,7 +174,7 @@ fn wait_durable(node: &Node, identity: &str, timeout: Duration) -> tempfile::Tem
             .snapshotter
             .cli(&["restore", "--id", identity, &target.to_string_lossy()]);
         match out.status.code() {
-            Some(0) => return dir,
+            Some(0) => return (dir, String::from_utf8_lossy(&out.stdout).into_owned()),
             Some(4) => {}
             _ => panic!(
                 "restore of {identity} failed ({}): {}",
@@ -364,7 +439,7 @@ fn identity_round_trip() {
     assert_restored_upper(&restored.path().join("upper"));
 
     assert_eq!(
-        run_zlayer(c, Some("web/0"), true, "c2", READ_STATE),
+        run_kept(c, Some("web/0"), "c2", READ_STATE).0,
         EXPECTED_STATE
     );
     // A different identity starts from the image.
@@ -403,7 +478,7 @@ fn node_loss_restores_identity() {
         "fresh node has only the image layer: {snaps}"
     );
     assert_eq!(
-        run_zlayer(&node.containerd, Some("db/0"), true, "c1", READ_STATE),
+        run_kept(&node.containerd, Some("db/0"), "c1", READ_STATE).0,
         EXPECTED_STATE
     );
 }
@@ -420,14 +495,15 @@ fn kill9_during_upload_resumes() {
         return;
     };
     let mut node = Node::start(SnapshotterOptions::new(storage.clone()));
-    let out = run_zlayer(
+    let (out, _) = run_kept(
         &node.containerd,
         Some("big/0"),
-        false,
         "c1",
         "dd if=/dev/urandom of=/big bs=1M count=200 2>/dev/null && sha256sum /big",
     );
-    let written = out.split_whitespace().next().unwrap().to_string();
+    let written = sha256sum_line(&out, "/big")
+        .unwrap_or_else(|| panic!("c1 wrote {out:?}, not one sha256sum line for /big"))
+        .to_string();
     node.containerd.ctr_ok(&["containers", "rm", "c1"]);
     wait_until(
         "a multipart upload with parts sent",
@@ -476,22 +552,64 @@ fn kill9_during_upload_resumes() {
         },
     );
 
-    let restored = wait_durable(&node, "big/0", Duration::from_secs(600));
-    assert_eq!(sha256_file(&restored.path().join("upper/big")), written);
+    let (restored, cli_said) = wait_durable_report(&node, "big/0", Duration::from_secs(600));
+    assert_eq!(
+        sha256_file(&restored.path().join("upper/big")),
+        written,
+        "CLI restore: {cli_said}"
+    );
     assert_eq!(
         uploads_in_progress(&storage),
         Vec::new(),
         "the interrupted upload was completed"
     );
-    let seen = run_zlayer(
-        &node.containerd,
-        Some("big/0"),
-        true,
-        "c2",
-        "sha256sum /big",
+    let (seen, c2_run) = run_kept(&node.containerd, Some("big/0"), "c2", "sha256sum /big");
+    eprintln!(
+        "c2's restore: {}",
+        node.snapshotter.log_lines_with(&["restored layer from"])
     );
-    assert_eq!(seen.split_whitespace().next(), Some(written.as_str()));
+    let seen_hash = sha256sum_line(&seen, "/big");
+    if seen_hash != Some(written.as_str()) {
+        let upper = upper_dir(&node.containerd, "c2");
+        let big = upper.join("big");
+        let on_disk = fs::metadata(&big).map_or_else(
+            |e| format!("{}: {e}", big.display()),
+            |m| format!("{} bytes, sha256 {}", m.len(), sha256_file(&big)),
+        );
+        panic!(
+            "c2 saw {} instead of {written} (c2 wrote {seen:?})\nc2's ctr run:\n{}\n\
+             c2's upper /big: {on_disk}\nCLI restore: {cli_said}\nsnapshotter's persistence trail:\n{}",
+            if seen_hash.is_some() {
+                "another /big"
+            } else {
+                "no sha256sum line"
+            },
+            describe_run(&c2_run),
+            node.snapshotter.log_lines_with(PERSISTENCE_TRAIL)
+        );
+    }
 }
+
+/// Log messages that tell where an identity's layer went and where a restore got it from.
+const PERSISTENCE_TRAIL: &[&str] = &[
+    "snapshotter ready",
+    "queued removed snapshot",
+    "queued committed snapshot",
+    "restored layer from",
+    "no stored layer yet",
+    "not restoring over it",
+    "starting from the image",
+    "layer synced",
+    "layer restored",
+    "queued layer done",
+    "finished interrupted",
+    "finishing interrupted sync",
+    "resuming interrupted sync",
+    "cleaned up streamed uploads",
+    "failed; will retry",
+    "re-adopting",
+    "dropping it",
+];
 
 /// The shipped example config parses with every key known (the parser rejects unknown keys) and
 /// passes validation.

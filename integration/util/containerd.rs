@@ -250,6 +250,7 @@ impl Drop for Containerd {
                 self.log_path.display(),
                 tail(&self.log(), 80)
             );
+            snapshotter::keep_log(&self.log_path, "containerd");
         }
         self.stop();
     }

@@ -5,6 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
@@ -346,6 +347,15 @@ impl SnapshotterDaemon {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The log lines containing any of `needles`, for failure messages.
+    pub fn log_lines_with(&self, needles: &[&str]) -> String {
+        self.log()
+            .lines()
+            .filter(|l| needles.iter().any(|n| l.contains(n)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Runs the CLI (`zlayer-storage --config <cli config> ARGS`) against the same store with a
     /// private state DB, e.g. `restore --id web/0 DIR` to prove a layer is durable.
     pub fn cli(&self, args: &[&str]) -> Output {
@@ -370,8 +380,37 @@ impl Drop for SnapshotterDaemon {
                 self.log_path.display(),
                 tail(&self.log(), 200)
             );
+            keep_log(&self.log_path, "snapshotter");
         }
         self.stop();
+    }
+}
+
+/// Environment variable naming a directory where the full daemon logs of a failing test are
+/// copied (the fixtures' temp dirs, logs included, are deleted when the test ends).
+pub const KEEP_LOGS_ENV: &str = "ZLAYER_E2E_KEEP_LOGS";
+
+/// Copies `log` into `$ZLAYER_E2E_KEEP_LOGS` (when set) as `<test>-<pid>-<n>-<what>.log` and
+/// says where; for rare failures whose log would otherwise be gone with the temp dir.
+pub fn keep_log(log: &Path, what: &str) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let Some(dir) = std::env::var_os(KEEP_LOGS_ENV).map(PathBuf::from) else {
+        return;
+    };
+    let test: String = std::thread::current()
+        .name()
+        .unwrap_or("test")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dest = dir.join(format!("{test}-{}-{n}-{what}.log", std::process::id()));
+    match fs::create_dir_all(&dir).and_then(|()| fs::copy(log, &dest)) {
+        Ok(_) => eprintln!("--- full {what} log kept at {} ---", dest.display()),
+        Err(e) => eprintln!(
+            "--- cannot keep the {what} log in {}: {e} ---",
+            dir.display()
+        ),
     }
 }
 

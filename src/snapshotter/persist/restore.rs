@@ -55,8 +55,8 @@ impl Persistence {
             .block_on(self.manager.restore_layer_with(id, upper, opts))
             .map_err(|e| self.restore_error(key, id, e))?;
         match restored {
-            Some(snap) => tracing::info!(key, identity = %id, digest = %snap.digest,
-                files = snap.file_count, "restored layer from the store"),
+            Some(snap) => tracing::info!(key, identity = %id, digest = %snap.digest, seq,
+                files = snap.file_count, bytes = snap.size_bytes, "restored layer from the store"),
             None => {
                 tracing::info!(key, identity = %id, "stored layer disappeared; starting from the image")
             }
@@ -98,7 +98,8 @@ impl Persistence {
                 target: upper.to_path_buf(),
                 source: Box::new(source),
             })?;
-        tracing::info!(key, identity = %id, seq = row.seq, from = %src.display(), entries = stats.entries,
+        tracing::info!(key, identity = %id, seq = row.seq, outbox = row.id, from = %src.display(),
+            entries = stats.entries, tar_bytes = stats.uncompressed_size,
             "restored layer from the local outbox (upload pending)");
         Ok(true)
     }

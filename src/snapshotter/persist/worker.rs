@@ -211,7 +211,7 @@ impl Persistence {
                 tracing::debug!(path = %doomed.display(), error = %e, "cannot delete synced outbox dir yet");
             }
         }
-        tracing::debug!(outbox = id, %identity, "queued layer done");
+        tracing::debug!(outbox = id, %identity, seq = synced_seq, "queued layer done");
         Ok(())
     }
 
