@@ -4,7 +4,6 @@
 //! ctime, nlink, rdev) per entry is enough. The root's ctime and inode are left out because the
 //! root dir itself is renamed into place by a restore.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -32,18 +31,19 @@ pub fn fingerprint(upper: &Path) -> Result<String> {
             u64::from(m.gid()),
             m.size(),
             m.mtime() as u64,
-            m.mtime_nsec() as u64,
+            u64::from(m.mtime_nsec()),
             m.nlink(),
             m.rdev(),
         ];
         if !is_root {
-            fields.extend([m.ino(), m.ctime() as u64, m.ctime_nsec() as u64]);
+            fields.extend([m.ino(), m.ctime() as u64, u64::from(m.ctime_nsec())]);
         }
         for f in fields {
             h.update(f.to_le_bytes());
         }
         if item.is_dir() {
-            walker.descend(&item, false)?;
+            let fd = walker.open_dir(&item)?;
+            walker.descend(&item, fd, false)?;
         }
     }
     Ok(hex::encode(h.finalize()))

@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FileType;
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
@@ -70,7 +70,7 @@ fn write_node<W: Write>(
     };
     let path = &item.fs_path;
     let ft = meta.file_type();
-    let mtime = (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0));
+    let mtime = (meta.mtime(), meta.mtime_nsec());
     let mut entry = EntryMeta {
         path: &item.tar_path,
         etype: EntryType::Regular,
@@ -84,7 +84,7 @@ fn write_node<W: Write>(
         xattrs: &[],
         protattr: None,
     };
-    if !ft.is_dir() && meta.nlink() > 1 {
+    if ft != FileType::Directory && meta.nlink() > 1 {
         match links.entry((meta.dev(), meta.ino())) {
             std::collections::hash_map::Entry::Occupied(first) => {
                 entry.etype = EntryType::Link;
@@ -96,43 +96,51 @@ fn write_node<W: Write>(
             }
         }
     }
-    let classified = xattr::read_classified(path)?;
+    match ft {
+        FileType::Directory => {
+            let dir = walker.open_dir(item)?;
+            let classified = xattr::read_classified(path, xattr::of_fd(&dir))?;
+            entry.xattrs = &classified.portable;
+            entry.protattr = classified.protattr.as_deref();
+            entry.etype = EntryType::Directory;
+            out.header(&entry)?;
+            return walker.descend(item, dir, classified.opaque);
+        }
+        FileType::RegularFile => {
+            let file = walker.open_file(item)?;
+            let classified = xattr::read_classified(path, xattr::of_fd(&file))?;
+            entry.xattrs = &classified.portable;
+            entry.protattr = classified.protattr.as_deref();
+            entry.size = meta.size();
+            out.header(&entry)?;
+            let sparse = meta.blocks().saturating_mul(512) < meta.size();
+            return out.file_data(&file, path, meta.size(), sparse);
+        }
+        _ => {}
+    }
+    let classified = xattr::read_classified(path, xattr::Source::Path)?;
     entry.xattrs = &classified.portable;
     entry.protattr = classified.protattr.as_deref();
-    if ft.is_dir() {
-        entry.etype = EntryType::Directory;
-        out.header(&entry)?;
-        return walker.descend(item, classified.opaque);
-    }
-    if ft.is_file() {
-        // O_NOFOLLOW: a file swapped for a symlink after the walk must not be followed.
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io_err("open", path))?;
-        entry.size = meta.len();
-        out.header(&entry)?;
-        let sparse = meta.blocks().saturating_mul(512) < meta.len();
-        return out.file_data(&file, path, meta.len(), sparse);
-    }
     let target;
-    if ft.is_symlink() {
-        target = fs::read_link(path).map_err(io_err("read symlink", path))?;
-        entry.etype = EntryType::Symlink;
-        entry.link = Some(target.as_os_str().as_bytes());
-    } else if ft.is_char_device() || ft.is_block_device() {
-        entry.etype = if ft.is_char_device() {
-            EntryType::Char
-        } else {
-            EntryType::Block
-        };
-        entry.dev = Some((
-            rustix::fs::major(meta.rdev()),
-            rustix::fs::minor(meta.rdev()),
-        ));
-    } else if ft.is_fifo() {
-        entry.etype = EntryType::Fifo;
+    match ft {
+        FileType::Symlink => {
+            target = item.read_link()?;
+            entry.etype = EntryType::Symlink;
+            entry.link = Some(target.as_bytes());
+        }
+        FileType::CharacterDevice | FileType::BlockDevice => {
+            entry.etype = if ft == FileType::CharacterDevice {
+                EntryType::Char
+            } else {
+                EntryType::Block
+            };
+            entry.dev = Some((
+                rustix::fs::major(meta.rdev()),
+                rustix::fs::minor(meta.rdev()),
+            ));
+        }
+        FileType::Fifo => entry.etype = EntryType::Fifo,
+        _ => {}
     }
     out.header(&entry)
 }

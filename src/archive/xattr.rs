@@ -8,6 +8,7 @@
 //! is stripped, and `metacopy`/`redirect` make the upper non-portable.
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
 use super::error::{ArchiveError, Result, io_err};
@@ -46,10 +47,20 @@ pub struct Classified {
     pub protattr: Option<Vec<u8>>,
 }
 
-/// Reads and classifies the xattrs of `path` (not following a final symlink).
-pub fn read_classified(path: &Path) -> Result<Classified> {
+/// Where xattrs are read from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// An open file or directory (the walker's race-free way).
+    Fd(BorrowedFd<'a>),
+    /// A path whose final symlink is not followed (special files, which cannot be opened for
+    /// reading without side effects).
+    Path,
+}
+
+/// Reads and classifies the xattrs of the inode at `path` (read through `src`).
+pub fn read_classified(path: &Path, src: Source<'_>) -> Result<Classified> {
     let mut out = Classified::default();
-    let names = list(path).map_err(io_err("list xattrs of", path))?;
+    let names = list(path, src).map_err(io_err("list xattrs of", path))?;
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         if let Some(suffix) = overlay_suffix(name) {
             let display = String::from_utf8_lossy(name).into_owned();
@@ -62,7 +73,7 @@ pub fn read_classified(path: &Path) -> Result<Classified> {
                     });
                 }
                 b"opaque" => {
-                    let value = get(path, name).map_err(io_err("read xattr of", path))?;
+                    let value = get(path, src, name).map_err(io_err("read xattr of", path))?;
                     if value != b"y" {
                         return Err(ArchiveError::UnknownOverlayXattr {
                             path: path.to_owned(),
@@ -72,7 +83,8 @@ pub fn read_classified(path: &Path) -> Result<Classified> {
                     out.opaque = true;
                 }
                 b"protattr" => {
-                    out.protattr = Some(get(path, name).map_err(io_err("read xattr of", path))?);
+                    out.protattr =
+                        Some(get(path, src, name).map_err(io_err("read xattr of", path))?);
                 }
                 _ => {
                     return Err(ArchiveError::UnknownOverlayXattr {
@@ -82,7 +94,7 @@ pub fn read_classified(path: &Path) -> Result<Classified> {
                 }
             }
         } else if is_portable(name) {
-            let value = get(path, name).map_err(io_err("read xattr of", path))?;
+            let value = get(path, src, name).map_err(io_err("read xattr of", path))?;
             out.portable.push((name.to_vec(), value));
         } else {
             tracing::debug!(path = %path.display(), xattr = %String::from_utf8_lossy(name), "xattr not archived");
@@ -92,17 +104,25 @@ pub fn read_classified(path: &Path) -> Result<Classified> {
     Ok(out)
 }
 
-/// `llistxattr`, growing the buffer as needed; unsupported filesystems yield no names.
-fn list(path: &Path) -> io::Result<Vec<u8>> {
+/// `flistxattr`/`llistxattr`, growing the buffer as needed; unsupported filesystems yield no
+/// names.
+fn list(path: &Path, src: Source<'_>) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 1024];
     loop {
-        match rustix::fs::llistxattr(path, &mut buf[..]) {
+        let res = match src {
+            Source::Fd(fd) => rustix::fs::flistxattr(fd, &mut buf[..]),
+            Source::Path => rustix::fs::llistxattr(path, &mut buf[..]),
+        };
+        match res {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf);
             }
             Err(rustix::io::Errno::RANGE) => {
-                let need = rustix::fs::llistxattr_query(path)?;
+                let need = match src {
+                    Source::Fd(fd) => rustix::fs::flistxattr_query(fd)?,
+                    Source::Path => rustix::fs::llistxattr_query(path)?,
+                };
                 buf.resize(need.max(buf.len() * 2), 0);
             }
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
@@ -111,23 +131,35 @@ fn list(path: &Path) -> io::Result<Vec<u8>> {
     }
 }
 
-/// `lgetxattr`, growing the buffer as needed.
-fn get(path: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
+/// `fgetxattr`/`lgetxattr`, growing the buffer as needed.
+fn get(path: &Path, src: Source<'_>, name: &[u8]) -> io::Result<Vec<u8>> {
     let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name);
     let mut buf = vec![0u8; 256];
     loop {
-        match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
+        let res = match src {
+            Source::Fd(fd) => rustix::fs::fgetxattr(fd, name, &mut buf[..]),
+            Source::Path => rustix::fs::lgetxattr(path, name, &mut buf[..]),
+        };
+        match res {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(buf);
             }
             Err(rustix::io::Errno::RANGE) => {
-                let need = rustix::fs::lgetxattr_query(path, name)?;
+                let need = match src {
+                    Source::Fd(fd) => rustix::fs::fgetxattr_query(fd, name)?,
+                    Source::Path => rustix::fs::lgetxattr_query(path, name)?,
+                };
                 buf.resize(need.max(buf.len() * 2), 0);
             }
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Borrows `fd` as an xattr source.
+pub fn of_fd(fd: &impl AsFd) -> Source<'_> {
+    Source::Fd(fd.as_fd())
 }
 
 #[cfg(test)]
