@@ -72,7 +72,7 @@ fn run_zlayer(c: &Containerd, identity: Option<&str>, rm: bool, id: &str, script
 /// redirected to a result file `/zl-result-<id>` that is then printed. Returns that file as read from the
 /// container's upper dir, and `ctr`'s output. ctr of containerd 1.6 can lose a short-lived
 /// task's stdout (`task.Delete` closes the output FIFOs before draining them; fixed upstream by
-/// containerd#8643), so the file is the result and the printed copy is checked when it arrived.
+/// containerd#8643), so the file is the result and what was printed must be a prefix of it.
 fn run_kept(
     c: &Containerd,
     identity: Option<&str>,
@@ -97,16 +97,16 @@ fn run_kept(
         )
     });
     let printed = String::from_utf8_lossy(&out.stdout);
-    if printed.is_empty() && !result.is_empty() {
+    assert!(
+        result.starts_with(&*printed),
+        "{id} printed something else than it wrote ({result:?}):\n{}",
+        describe_run(&out)
+    );
+    if printed.len() < result.len() {
         eprintln!(
-            "note: ctr lost the stdout of {id} (containerd 1.6 FIFO race); using its result file"
-        );
-    } else {
-        assert_eq!(
-            printed,
-            result,
-            "{id} printed something else than it wrote:\n{}",
-            describe_run(&out)
+            "note: ctr lost {} of {} bytes of the stdout of {id} (containerd 1.6 FIFO race); using its result file",
+            result.len() - printed.len(),
+            result.len()
         );
     }
     (result, out)
