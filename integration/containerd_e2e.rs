@@ -112,6 +112,55 @@ fn run_kept(
     (result, out)
 }
 
+/// `ctr run --rm` through `snapshotter`, with the command's stdout also written to a host dir
+/// bind-mounted into the container, which is what is returned: ctr 1.6 can drop a task's
+/// stdout (see [`run_kept`]), and a `--rm` container leaves no upper dir to read it from.
+fn run_rm(
+    c: &Containerd,
+    snapshotter: &str,
+    identity: Option<&str>,
+    id: &str,
+    command: &str,
+) -> String {
+    let out_dir = tempfile::Builder::new()
+        .prefix("zl-out-")
+        .tempdir()
+        .unwrap();
+    let mount = format!(
+        "type=bind,src={},dst=/zl-out,options=rbind:rw",
+        out_dir.path().display()
+    );
+    let script = format!("{{ {command}\n}} > /zl-out/result && cat /zl-out/result");
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        "--mount",
+        &mount,
+    ];
+    let label = identity.map(|i| format!("{ID_LABEL}={i}"));
+    if let Some(label) = &label {
+        args.extend(["--snapshotter-label", label.as_str()]);
+    }
+    args.extend([IMAGE_REF, id, "/bin/sh", "-c", &script]);
+    let out = c.ctr(&args);
+    assert!(
+        out.status.success(),
+        "ctr run {id} failed:\n{}",
+        describe_run(&out)
+    );
+    let result = fs::read_to_string(out_dir.path().join("result"))
+        .unwrap_or_else(|e| panic!("{id} wrote no result: {e}\n{}", describe_run(&out)));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        result.starts_with(&*printed),
+        "{id} printed something else than it wrote ({result:?}):\n{}",
+        describe_run(&out)
+    );
+    result
+}
+
 /// A `ctr` run's whole outcome, for failure messages.
 fn describe_run(out: &std::process::Output) -> String {
     format!(
@@ -236,17 +285,13 @@ fn harness_runs_busybox_on_builtin_overlayfs() {
         &dir.path().join("absent.sock"),
     );
     containerd.import_image(OVERLAYFS);
-    let out = containerd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
+    let out = run_rm(
+        &containerd,
         OVERLAYFS,
-        IMAGE_REF,
+        None,
         "c1",
-        "/bin/sh",
-        "-c",
         "echo hi; cat /etc/motd /data/old/a",
-    ]);
+    );
     assert_eq!(out, "hi\nwelcome to the zlayer test image\nlower a\n");
     assert_eq!(containerd.ctr_ok(&["containers", "ls", "-q"]), "");
     let state = dir.path().join("containerd");
@@ -263,10 +308,10 @@ fn zlayer_runs_busybox() {
     }
     let store = tempfile::tempdir().unwrap();
     let node = Node::start(SnapshotterOptions::local(store.path()));
-    let out = run_zlayer(
+    let out = run_rm(
         &node.containerd,
+        SNAPSHOTTER,
         None,
-        true,
         "c1",
         "cat /etc/motd /data/old/b; echo w > /tmp/w; cat /tmp/w; ls /data/old",
     );
@@ -451,10 +496,10 @@ fn identity_round_trip() {
         EXPECTED_STATE
     );
     // A different identity starts from the image.
-    let other = run_zlayer(
+    let other = run_rm(
         c,
+        SNAPSHOTTER,
         Some("web/1"),
-        true,
         "c3",
         "cat /etc/motd; ls -A /data/old",
     );
@@ -525,16 +570,7 @@ fn kill9_during_upload_resumes() {
     node.snapshotter.kill9();
 
     // containerd itself is unaffected while the snapshotter is down.
-    let alive = node.containerd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        OVERLAYFS,
-        IMAGE_REF,
-        "t1",
-        "echo",
-        "alive",
-    ]);
+    let alive = run_rm(&node.containerd, OVERLAYFS, None, "t1", "echo alive");
     assert_eq!(alive, "alive\n");
 
     node.snapshotter.spawn();
