@@ -21,6 +21,7 @@ mod download;
 mod stream;
 mod upload;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -34,7 +35,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::ServerSideEncryption;
+use aws_sdk_s3::types::{CompletedMultipartUpload, ServerSideEncryption};
 use base64::Engine;
 use tokio::sync::OnceCell;
 
@@ -45,6 +46,7 @@ use super::{
     StoreError, StreamedUpload, UploadJournal, UploadReport, normalize_prefix, validate_key,
 };
 use crate::config::{ChecksumMode, LayerStorageConfig, MAX_PART_SIZE, MIN_PART_SIZE};
+use crate::layer::types::CompletedPart;
 
 /// Our own retries around a whole part or a resumed download, on top of the SDK's.
 const OUTER_ATTEMPTS: u32 = 4;
@@ -309,6 +311,50 @@ impl S3Store {
             what: "upload id",
         })?;
         Ok(id.to_string())
+    }
+
+    /// CompleteMultipartUpload of `parts` in ascending order. `checksums` repeats each part's
+    /// CRC32C (required when the upload was created with that algorithm, refused otherwise);
+    /// `if_none_match` makes the completion conditional on the key not existing yet.
+    pub(super) async fn complete_upload(
+        &self,
+        full: &str,
+        upload_id: &str,
+        parts: &BTreeMap<u32, CompletedPart>,
+        checksums: bool,
+        if_none_match: bool,
+    ) -> Result<()> {
+        let list = parts
+            .values()
+            .map(|p| {
+                let part = aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(upload::part_no(p.part_number))
+                    .e_tag(&p.e_tag);
+                if checksums {
+                    part.checksum_crc32_c(&p.checksum_crc32c).build()
+                } else {
+                    part.build()
+                }
+            })
+            .collect::<Vec<_>>();
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(list))
+                    .build(),
+            );
+        if if_none_match {
+            req = req.if_none_match("*");
+        }
+        req.send()
+            .await
+            .map(drop)
+            .map_err(|e| s3_err("complete multipart upload", self.location(full), e))
     }
 
     /// Every multipart upload under `full_prefix`: (full key, upload id, initiated).

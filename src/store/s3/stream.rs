@@ -28,12 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use aws_sdk_s3::types::CompletedMultipartUpload;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 
-use super::upload::{self, MAX_PARTS, part_no};
+use super::upload::{self, MAX_PARTS};
 use super::{S3Store, s3_err};
 use crate::config::MIN_PART_SIZE;
 use crate::layer::types::CompletedPart;
@@ -350,35 +349,10 @@ impl S3StreamedUpload {
                 actual: sent,
             });
         }
-        let list = parts
-            .values()
-            .map(|p| {
-                aws_sdk_s3::types::CompletedPart::builder()
-                    .part_number(part_no(p.part_number))
-                    .e_tag(&p.e_tag)
-                    .build()
-            })
-            .collect::<Vec<_>>();
+        // No part checksums: the temporary upload has no object checksum algorithm.
         self.store
-            .client
-            .complete_multipart_upload()
-            .bucket(&self.store.bucket)
-            .key(&self.temp)
-            .upload_id(upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(list))
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| {
-                s3_err(
-                    "complete multipart upload",
-                    self.store.location(&self.temp),
-                    e,
-                )
-            })?;
+            .complete_upload(&self.temp, upload_id, parts, false, false)
+            .await?;
         let mut copy = self
             .store
             .client

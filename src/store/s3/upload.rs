@@ -15,7 +15,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload};
+use aws_sdk_s3::types::ChecksumAlgorithm;
 use base64::Engine;
 use chrono::Utc;
 use futures::StreamExt;
@@ -628,41 +628,15 @@ pub(super) async fn upload_file_part(
     }
 }
 
-/// CompleteMultipartUpload with every part in ascending order.
+/// CompleteMultipartUpload with every part (and its CRC32C) in ascending order.
 async fn complete(
     job: &Job<'_>,
     upload_id: &str,
     done: &BTreeMap<u32, CompletedPart>,
 ) -> Result<()> {
-    let parts = done
-        .values()
-        .map(|p| {
-            aws_sdk_s3::types::CompletedPart::builder()
-                .part_number(part_no(p.part_number))
-                .e_tag(&p.e_tag)
-                .checksum_crc32_c(&p.checksum_crc32c)
-                .build()
-        })
-        .collect::<Vec<_>>();
-    let mut req = job
-        .store
-        .client
-        .complete_multipart_upload()
-        .bucket(&job.store.bucket)
-        .key(&job.full)
-        .upload_id(upload_id)
-        .multipart_upload(
-            CompletedMultipartUpload::builder()
-                .set_parts(Some(parts))
-                .build(),
-        );
-    if job.if_none_match {
-        req = req.if_none_match("*");
-    }
-    req.send()
+    job.store
+        .complete_upload(&job.full, upload_id, done, true, job.if_none_match)
         .await
-        .map(drop)
-        .map_err(|e| s3_err("complete multipart upload", job.location(), e))
 }
 
 #[cfg(test)]
