@@ -1,22 +1,29 @@
 //! Overlay-exact copy of an upper dir through an in-process tar stream (no compression, no file).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::Path;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use super::error::{ArchiveError, Result};
 use super::extract::check_target;
 use super::pack::write_tree;
 use super::tarout::TarOut;
-use super::unpack::{SourceReader, extract_into_target};
+use super::unpack::{ChannelReader, SourceReader, extract_into_target};
 use super::{UnpackOptions, UnpackStats};
 
-struct ChanWriter(SyncSender<Vec<u8>>);
+/// The tar writer's end of the channel; reuses the chunks the reader hands back.
+struct ChanWriter {
+    tx: SyncSender<io::Result<Vec<u8>>>,
+    spare: Receiver<Vec<u8>>,
+}
 
 impl Write for ChanWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .send(buf.to_vec())
+        let mut chunk = self.spare.try_recv().unwrap_or_default();
+        chunk.clear();
+        chunk.extend_from_slice(buf);
+        self.tx
+            .send(Ok(chunk))
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         Ok(buf.len())
     }
@@ -25,46 +32,26 @@ impl Write for ChanWriter {
     }
 }
 
-struct ChanReader {
-    rx: Receiver<Vec<u8>>,
-    cur: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChanReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
-                    self.cur = chunk;
-                    self.pos = 0;
-                }
-                // Producer finished (or died): end of stream.
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 pub fn copy_tree(src: &Path, target: &Path, opts: &UnpackOptions) -> Result<UnpackStats> {
     let slot = check_target(target)?;
     std::thread::scope(|s| {
-        let (tx, rx) = sync_channel::<Vec<u8>>(4);
+        let (tx, rx) = mpsc::sync_channel(4);
+        let (spare_tx, spare_rx) = mpsc::channel();
         let producer = s.spawn(move || -> Result<()> {
-            let mut out = TarOut::new(ChanWriter(tx), src, false, None)?;
+            let mut out = TarOut::new(
+                ChanWriter {
+                    tx,
+                    spare: spare_rx,
+                },
+                src,
+                false,
+                None,
+            )?;
             write_tree(src, &mut out)?;
             out.finish().map(|_| ())
         });
         let reader = SourceReader::new(
-            ChanReader {
-                rx,
-                cur: Vec::new(),
-                pos: 0,
-            },
+            ChannelReader::new(rx, spare_tx),
             opts.max_uncompressed,
             None,
             None,

@@ -594,12 +594,28 @@ fn decode_and_hash<R: Read>(
     Ok(hex::encode(hashing.hasher.finalize()))
 }
 
-/// The extractor's end of [`decode_and_hash`]; EOF when the decoder is done.
-struct ChannelReader {
+/// The reading end of a producer thread's chunks (the decoder of [`decode_and_hash`], or the
+/// tar writer of [`super::copy`]); EOF when the producer is done. Spent chunks go back to it
+/// through `spare` for reuse.
+pub(super) struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
     spare: mpsc::Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
+}
+
+impl ChannelReader {
+    pub(super) fn new(
+        rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+        spare: mpsc::Sender<Vec<u8>>,
+    ) -> Self {
+        ChannelReader {
+            rx,
+            spare,
+            cur: Vec::new(),
+            pos: 0,
+        }
+    }
 }
 
 impl Read for ChannelReader {
@@ -648,12 +664,7 @@ pub fn unpack_reader<R: Read + Send>(
             Ok(d) => d,
             Err(e) => return (Err(io_err("spawn decoder for", name)(e)), None),
         };
-        let reader = ChannelReader {
-            rx,
-            spare: spare_tx,
-            cur: Vec::new(),
-            pos: 0,
-        };
+        let reader = ChannelReader::new(rx, spare_tx);
         let src = SourceReader::new(
             reader,
             opts.max_uncompressed,
