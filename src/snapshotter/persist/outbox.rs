@@ -86,18 +86,13 @@ pub fn on_remove(
                 tracing::warn!(key = %event.key, %identity, "removed before its layer was restored; not persisted");
                 return Ok(RemoveDisposition::Trash);
             }
-            let seq = db::next_seq(tx, &identity)?;
-            let id = db::insert_outbox(
+            let (seq, id) = queue(
                 tx,
-                &NewOutbox {
-                    id: None,
-                    identity: &identity,
-                    seq,
-                    base: Some(&row.base),
-                    key: event.key,
-                    snapshot_id,
-                    location: Location::Outbox,
-                },
+                &identity,
+                &row.base,
+                event.key,
+                snapshot_id,
+                Location::Outbox,
             )?;
             let marker = Marker {
                 outbox_id: id,
@@ -150,21 +145,41 @@ pub fn on_commit(tx: &Connection, event: &CommitEvent<'_>) -> Result<bool> {
     let Some(snapshot_id) = event.upper.parent().and_then(snapshot_id_of) else {
         return Ok(false);
     };
-    let seq = db::next_seq(tx, &identity)?;
+    let (seq, id) = queue(
+        tx,
+        &identity,
+        &row.base,
+        event.key,
+        snapshot_id,
+        Location::Live,
+    )?;
+    tracing::info!(key = %event.key, name = %event.name, %identity, seq, outbox = id, "queued committed snapshot for upload");
+    Ok(true)
+}
+
+/// A new outbox row for the identity's next sequence number: (seq, row id).
+fn queue(
+    tx: &Connection,
+    identity: &ContainerLayerId,
+    base: &[String],
+    key: &str,
+    snapshot_id: i64,
+    location: Location,
+) -> Result<(u64, i64)> {
+    let seq = db::next_seq(tx, identity)?;
     let id = db::insert_outbox(
         tx,
         &NewOutbox {
             id: None,
-            identity: &identity,
+            identity,
             seq,
-            base: Some(&row.base),
-            key: event.key,
+            base: Some(base),
+            key,
             snapshot_id,
-            location: Location::Live,
+            location,
         },
     )?;
-    tracing::info!(key = %event.key, name = %event.name, %identity, seq, outbox = id, "queued committed snapshot for upload");
-    Ok(true)
+    Ok((seq, id))
 }
 
 /// Marker, rename, fsyncs. On failure the marker is removed again and the dir stays put.
