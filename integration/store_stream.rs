@@ -110,15 +110,40 @@ fn stream_config(g: &crate::util::garage::Garage, test: &str) -> LayerStorageCon
     cfg
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streamed_upload_equals_the_plain_upload_and_removes_its_temp_key() {
-    let Some(g) = garage_or_skip("streamed_upload_equals_the_plain_upload") else {
-        return;
-    };
+/// A scratch dir, a state DB in it, and a store on Garage with [`stream_config`].
+struct StreamEnv {
+    dir: tempfile::TempDir,
+    db: StateDb,
+    cfg: LayerStorageConfig,
+    store: S3Store,
+}
+
+/// [`StreamEnv`] for `test` under `prefix`; `None` (skip) outside CI without Garage.
+async fn stream_env(test: &str, prefix: &str) -> Option<StreamEnv> {
+    let g = garage_or_skip(test)?;
     let dir = tempfile::tempdir().unwrap();
     let db = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
-    let cfg = stream_config(g, "stream-equal");
+    let cfg = stream_config(g, prefix);
     let store = open_s3(&cfg).await;
+    Some(StreamEnv {
+        dir,
+        db,
+        cfg,
+        store,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_upload_equals_the_plain_upload_and_removes_its_temp_key() {
+    let Some(StreamEnv {
+        dir,
+        db,
+        cfg,
+        store,
+    }) = stream_env("streamed_upload_equals_the_plain_upload", "stream-equal").await
+    else {
+        return;
+    };
     let src = spool(dir.path(), "layer", 37 * MIB, 21);
     let data = std::fs::read(&src).unwrap();
 
@@ -195,13 +220,15 @@ async fn aborted_stream_leaves_no_multipart_upload_and_no_temp_object() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_or_existing_spools_skip_the_stream() {
-    let Some(g) = garage_or_skip("small_or_existing_spools_skip_the_stream") else {
+    let Some(StreamEnv {
+        dir,
+        db,
+        cfg,
+        store,
+    }) = stream_env("small_or_existing_spools_skip_the_stream", "stream-small").await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
-    let cfg = stream_config(g, "stream-small");
-    let store = open_s3(&cfg).await;
 
     // Below one part: never starts a multipart upload, ends as one PUT.
     let small = std::fs::read(spool(dir.path(), "small", 3 * MIB, 23)).unwrap();
@@ -388,13 +415,15 @@ async fn ranged_download_equals_the_object_and_resumes_cut_ranges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_stale_temp_objects_and_uploads() {
-    let Some(g) = garage_or_skip("gc_removes_stale_temp_objects") else {
+    let Some(StreamEnv {
+        dir: _dir,
+        db,
+        cfg,
+        store,
+    }) = stream_env("gc_removes_stale_temp_objects", "stream-gc").await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = StateDb::open(&dir.path().join("state.sqlite")).unwrap();
-    let cfg = stream_config(g, "stream-gc");
-    let store = open_s3(&cfg).await;
     let orphan = format!("{}{STREAM_DIR}1-2-3.tar.zst", cfg.prefix);
     store
         .client()

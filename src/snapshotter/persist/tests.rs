@@ -187,6 +187,17 @@ impl Env {
         )
     }
 
+    /// A node without a worker whose container lookups go to a fake it returns.
+    fn node_asking_containers(
+        &self,
+        name: &str,
+        opts: PersistOptions,
+    ) -> (Node, Arc<FakeContainers>) {
+        let containers = Arc::new(FakeContainers::default());
+        let node = self.node_with(name, opts, self.gate(true), containers.clone(), false);
+        (node, containers)
+    }
+
     fn node_with(
         &self,
         name: &str,
@@ -572,14 +583,7 @@ fn a_new_container_restores_from_the_outbox_while_the_upload_is_pending() {
 #[test]
 fn two_live_snapshots_with_one_identity_are_refused() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(true),
-        containers.clone(),
-        false,
-    );
+    let (node, containers) = env.node_asking_containers("a", default_opts());
     node.base_layer();
     node.container("default/3/c1", Some("web/0"));
     let err = node
@@ -666,14 +670,7 @@ fn base_changes_follow_the_policy() {
 #[test]
 fn mounts_resolves_container_labels_once_the_record_exists() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(true),
-        containers.clone(),
-        false,
-    );
+    let (node, containers) = env.node_asking_containers("a", default_opts());
     node.base_layer();
     node.seed("db/0", &["sha256:base"], &[("db", "rows\n")]);
     let upper = node.container("default/3/c1", None);
@@ -710,14 +707,7 @@ fn mounts_resolves_container_labels_once_the_record_exists() {
 #[test]
 fn mounts_stands_alone_after_a_restart() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(true),
-        containers.clone(),
-        false,
-    );
+    let (node, containers) = env.node_asking_containers("a", default_opts());
     node.base_layer();
     node.seed("db/0", &["sha256:base"], &[("db", "rows\n")]);
     let upper = node.container("default/3/c1", None);
@@ -739,14 +729,7 @@ fn mounts_stands_alone_after_a_restart() {
 #[test]
 fn a_failed_restore_leaves_the_upper_empty_and_is_not_persisted() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(true),
-        containers.clone(),
-        false,
-    );
+    let (node, containers) = env.node_asking_containers("a", default_opts());
     node.base_layer();
     node.seed("db/0", &["sha256:base"], &[("db", "rows\n")]);
 
@@ -797,14 +780,8 @@ fn a_failed_restore_leaves_the_upper_empty_and_is_not_persisted() {
 #[test]
 fn extract_and_unparseable_keys_and_views_are_never_persisted() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        opts(PersistPolicy::All, OnBaseChange::Restore),
-        env.gate(true),
-        containers.clone(),
-        false,
-    );
+    let (node, containers) =
+        env.node_asking_containers("a", opts(PersistPolicy::All, OnBaseChange::Restore));
     node.base_layer();
     for key in ["plain-key", "default/1/extract-9-z sha256:q"] {
         let m = node
