@@ -229,3 +229,11 @@ pub fn copy_tree(src: &Path, target: &Path, opts: &UnpackOptions) -> Result<Unpa
 pub fn fingerprint(upper: &Path) -> Result<String> {
     fingerprint::fingerprint(upper)
 }
+
+/// Hex sha256 of a whole file (an archive's content address). Blocking.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}

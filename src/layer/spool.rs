@@ -122,19 +122,16 @@ impl Staging {
     /// Whether `blob` still holds exactly the archive `intent` describes (size and sha256).
     /// Blocking: reads the whole file.
     pub fn intact(intent: &Intent, blob: &Path) -> Result<bool> {
-        use sha2::{Digest, Sha256};
-        let mut f = match File::open(blob) {
-            Ok(f) => f,
+        let len = match std::fs::metadata(blob) {
+            Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(io(blob)(e)),
         };
-        let len = f.metadata().map_err(io(blob))?.len();
         if len != intent.snapshot.compressed_size_bytes {
             return Ok(false);
         }
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut f, &mut hasher).map_err(io(blob))?;
-        Ok(hex::encode(hasher.finalize()) == intent.snapshot.digest)
+        let digest = crate::archive::sha256_file(blob).map_err(io(blob))?;
+        Ok(digest == intent.snapshot.digest)
     }
 
     /// Whether the intent of `id` and `digest` is still pending.

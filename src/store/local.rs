@@ -134,18 +134,9 @@ fn discard(tmp: &Path) {
     }
 }
 
+/// The ETag of a stored object: its quoted sha256.
 fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; COPY_BUF];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(quote(&hex::encode(h.finalize())))
+    crate::archive::sha256_file(path).map(|d| quote(&d))
 }
 
 fn quote(s: &str) -> String {
