@@ -14,6 +14,7 @@ pub mod snapshotter;
 pub mod state;
 pub mod store;
 pub mod sys;
+mod types;
 
 pub use config::{Config, LayerStorageConfig, SnapshotterConfig};
 pub use layer::LayerSyncManager;

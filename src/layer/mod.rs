@@ -12,7 +12,10 @@ mod stream;
 pub(crate) mod testenv;
 #[cfg(test)]
 mod tests;
-pub mod types;
+/// The shared types, at their original path (they live in the leaf module `crate::types`).
+pub mod types {
+    pub use crate::types::{CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState};
+}
 
 pub use error::LayerError;
 pub use manager::{LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, zstd_library_version};

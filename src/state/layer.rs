@@ -10,7 +10,7 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{Database, Migration, Result};
-use crate::layer::types::{CompletedPart, ContainerLayerId, PendingUpload, SyncState};
+use crate::types::{CompletedPart, ContainerLayerId, PendingUpload, SyncState};
 use crate::store::{StoreError, UploadJournal};
 
 /// Schema of the layer state database. Append only.

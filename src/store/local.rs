@@ -489,17 +489,17 @@ mod tests {
 
     #[async_trait::async_trait]
     impl UploadJournal for NoJournal {
-        async fn load_upload(&self, _: &str) -> Result<Option<crate::layer::types::PendingUpload>> {
+        async fn load_upload(&self, _: &str) -> Result<Option<crate::types::PendingUpload>> {
             Ok(None)
         }
-        async fn begin_upload(&self, _: &crate::layer::types::PendingUpload) -> Result<()> {
+        async fn begin_upload(&self, _: &crate::types::PendingUpload) -> Result<()> {
             Ok(())
         }
         async fn record_part(
             &self,
             _: &str,
             _: &str,
-            _: &crate::layer::types::CompletedPart,
+            _: &crate::types::CompletedPart,
         ) -> Result<()> {
             Ok(())
         }

@@ -46,7 +46,7 @@ use super::{
     StoreError, StreamedUpload, UploadJournal, UploadReport, normalize_prefix, validate_key,
 };
 use crate::config::{ChecksumMode, LayerStorageConfig, MAX_PART_SIZE, MIN_PART_SIZE};
-use crate::layer::types::CompletedPart;
+use crate::types::CompletedPart;
 
 /// Our own retries around a whole part or a resumed download, on top of the SDK's.
 const OUTER_ATTEMPTS: u32 = 4;

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use super::upload::{self, MAX_PARTS};
 use super::{S3Store, s3_err};
 use crate::config::MIN_PART_SIZE;
-use crate::layer::types::CompletedPart;
+use crate::types::CompletedPart;
 use crate::store::error::Result;
 use crate::store::{
     GrowingFile, ObjectStore, Progress, StoreError, StreamedUpload, UploadJournal, UploadReport,

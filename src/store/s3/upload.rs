@@ -25,7 +25,7 @@ use super::{
     is_precondition_failure, s3_err,
 };
 use crate::config::MIN_PART_SIZE;
-use crate::layer::types::{CompletedPart, PendingUpload};
+use crate::types::{CompletedPart, PendingUpload};
 use crate::store::error::Result;
 use crate::store::{ObjectStore, Progress, StoreError, UploadJournal, UploadReport, digest_of_key};
 
