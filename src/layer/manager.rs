@@ -33,7 +33,7 @@ use super::stream::{RestoreJob, SpoolWatcher, Streaming, UploadGate, download_an
 use super::types::{ContainerLayerId, LayerSnapshot, SyncState};
 use crate::archive::{self, PackOptions, UnpackOptions};
 use crate::config::LayerStorageConfig;
-use crate::state::StateDb;
+use super::journal::StateDb;
 use crate::store::{self as objstore, ObjectStore, PutCondition, PutOutcome};
 
 /// Name of the archive format written by [`crate::archive`], recorded in every blob's metadata.

@@ -3,6 +3,7 @@
 //! can restore the identity's current layer.
 
 mod error;
+mod journal;
 mod manager;
 pub mod manifest;
 mod options;
@@ -18,6 +19,7 @@ pub mod types {
 }
 
 pub use error::LayerError;
+pub use journal::{LAYER_MIGRATIONS, StateDb, SyncRecord};
 pub use manager::{LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, zstd_library_version};
 pub use manifest::{ArchiveFormat, LayerManifest, LayerMeta, ManifestEntry};
 pub use options::{

@@ -11,7 +11,7 @@ use super::manifest::blob_key;
 use super::*;
 use crate::config::LayerStorageConfig;
 use crate::layer::types::ContainerLayerId;
-use crate::state::StateDb;
+use super::StateDb;
 use crate::store::{
     ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
     UploadReport,

@@ -1,4 +1,5 @@
-//! Layer state: [`SyncState`] per identity and the multipart upload journal.
+//! The layer's journal on the state database: [`SyncState`] per identity and the multipart
+//! upload journal ([`UploadJournal`] for the object stores).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -9,9 +10,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Database, Migration, Result};
-use crate::types::{CompletedPart, ContainerLayerId, PendingUpload, SyncState};
+use super::types::{CompletedPart, ContainerLayerId, PendingUpload, SyncState};
+use crate::state::{Database, Migration, StateError};
 use crate::store::{StoreError, UploadJournal};
+
+type Result<T> = std::result::Result<T, StateError>;
 
 /// Schema of the layer state database. Append only.
 pub static LAYER_MIGRATIONS: &[Migration] = &[Migration {
@@ -337,7 +340,7 @@ fn load_pending(c: &Connection, key: &str) -> rusqlite::Result<Option<PendingUpl
     .transpose()
 }
 
-fn journal_err(key: &str) -> impl FnOnce(super::StateError) -> StoreError + '_ {
+fn journal_err(key: &str) -> impl FnOnce(StateError) -> StoreError + '_ {
     move |e| StoreError::Journal {
         key: key.to_string(),
         source: Box::new(e),
