@@ -7,8 +7,11 @@ mod journal;
 mod manager;
 pub mod manifest;
 mod options;
+mod recovery;
+mod restore;
 mod spool;
 mod stream;
+mod sync;
 #[cfg(test)]
 pub(crate) mod testenv;
 #[cfg(test)]

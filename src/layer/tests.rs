@@ -620,13 +620,13 @@ fn restore_is_capped_at_the_declared_size() {
         seq: 1,
         base: None,
     };
-    let o = super::manager::restore_limits(&cfg, &entry, crate::archive::XattrNs::User);
+    let o = super::restore::restore_limits(&cfg, &entry, crate::archive::XattrNs::User);
     assert_eq!(o.max_uncompressed, 10_000_000);
     assert!(o.max_ratio > 10_000);
     assert_eq!(o.xattr_ns, crate::archive::XattrNs::User);
     assert!(!o.allow_devices);
     entry.size_bytes = cfg.max_restore_bytes + 1;
-    let o = super::manager::restore_limits(&cfg, &entry, crate::archive::XattrNs::Trusted);
+    let o = super::restore::restore_limits(&cfg, &entry, crate::archive::XattrNs::Trusted);
     assert_eq!(o.max_uncompressed, cfg.max_restore_bytes);
     assert_eq!(o.max_ratio, cfg.max_expansion_ratio);
 }
