@@ -17,7 +17,6 @@ use super::types::{ContainerLayerId, SyncState};
 use crate::config::LayerStorageConfig;
 use crate::store::{self as objstore, ObjectStore};
 
-
 /// Name of the archive format written by [`crate::archive`], recorded in every blob's metadata.
 pub const TAR_FORMAT: &str = "pax-oci-layer";
 /// Version of that format.
@@ -40,7 +39,7 @@ pub(super) struct Inner {
     pub(super) store: Arc<dyn ObjectStore>,
     pub(super) db: StateDb,
     pub(super) staging: Staging,
-    pub(super) locks: StdMutex<HashMap<ContainerLayerId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: StdMutex<HashMap<ContainerLayerId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for LayerSyncManager {
@@ -124,7 +123,11 @@ impl LayerSyncManager {
             .map_err(|e| LayerError::StateGlobal(Box::new(e)))
     }
 
-    pub(super) async fn file_lock(&self, id: &ContainerLayerId, wait: bool) -> Result<Option<IdentityLock>> {
+    pub(super) async fn file_lock(
+        &self,
+        id: &ContainerLayerId,
+        wait: bool,
+    ) -> Result<Option<IdentityLock>> {
         let inner = Arc::clone(&self.inner);
         let id = id.clone();
         blocking(move || inner.staging.lock_identity(&id, wait)).await?
@@ -141,7 +144,10 @@ impl LayerSyncManager {
     }
 
     /// Reads a manifest.
-    pub(super) async fn read_manifest(&self, id: &ContainerLayerId) -> Result<Option<LayerManifest>> {
+    pub(super) async fn read_manifest(
+        &self,
+        id: &ContainerLayerId,
+    ) -> Result<Option<LayerManifest>> {
         let key = manifest_key(id);
         let Some(data) = self
             .inner
@@ -229,7 +235,9 @@ pub(super) fn accumulate(p: LayerProgress, phase: Phase, total: Option<u64>) -> 
 }
 
 /// Runs blocking work (filesystem, tar, zstd) off the async threads.
-pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(LayerError::Join)

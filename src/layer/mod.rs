@@ -1,6 +1,7 @@
 //! Container layer identity and synchronisation: [`LayerSyncManager`] archives an upper dir,
 //! uploads it content-addressed, and keeps a per-identity manifest in the bucket so any node
-//! can restore the identity's current layer.
+//! can restore the identity's current layer. Its journal in the state database ([`StateDb`])
+//! keeps each identity's sync state and the multipart upload journal the stores resume from.
 
 mod error;
 mod journal;
@@ -18,7 +19,9 @@ pub(crate) mod testenv;
 mod tests;
 /// The shared types, at their original path (they live in the leaf module `crate::types`).
 pub mod types {
-    pub use crate::types::{CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState};
+    pub use crate::types::{
+        CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState,
+    };
 }
 
 pub use error::LayerError;

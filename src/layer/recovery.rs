@@ -14,7 +14,6 @@ use super::types::ContainerLayerId;
 /// Temp spools older than this are swept by `gc`.
 const TEMP_SPOOL_AGE: Duration = Duration::from_secs(24 * 3600);
 
-
 impl LayerSyncManager {
     /// Finishes syncs a crash interrupted (upload, metadata, manifest); returns how many.
     pub async fn resume_pending(&self) -> Result<u32> {
@@ -108,5 +107,4 @@ impl LayerSyncManager {
         blocking(move || inner.staging.finish(&id, &digest)).await??;
         Ok(false)
     }
-
 }

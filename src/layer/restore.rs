@@ -14,7 +14,6 @@ use super::types::{ContainerLayerId, LayerSnapshot};
 use crate::archive::UnpackOptions;
 use crate::config::LayerStorageConfig;
 
-
 impl LayerSyncManager {
     /// Restores `id`'s current layer into `target` (absent or an empty dir). `None` when the
     /// store has no layer for `id`.
@@ -71,7 +70,6 @@ impl LayerSyncManager {
         tracing::info!(%id, digest = %entry.digest, target = %target.display(), "layer restored");
         Ok(Some(entry.snapshot(false)))
     }
-
 }
 
 /// Bomb guards for a restore. The manifest declares the uncompressed size, so extraction is
@@ -97,4 +95,3 @@ pub(super) fn restore_limits(
         max_ratio,
     }
 }
-

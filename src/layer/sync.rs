@@ -36,7 +36,6 @@ use crate::store::{self as objstore, PutCondition, PutOutcome};
 const MANIFEST_ATTEMPTS: u32 = 8;
 const OVERLAY_PARAMETERS: &str = "/sys/module/overlay/parameters";
 
-
 impl LayerSyncManager {
     /// Archives `upper` and makes it `id`'s current layer.
     pub async fn sync_layer(
@@ -135,7 +134,7 @@ impl LayerSyncManager {
     }
 
     /// The part of a sync after the unchanged checks: pack, compare, stage, publish.
-    pub(super) async fn pack_and_publish(
+    async fn pack_and_publish(
         &self,
         id: &ContainerLayerId,
         upper: &Path,
@@ -199,7 +198,7 @@ impl LayerSyncManager {
 
     /// Packs `upper` into a temp spool, streaming it to the store as it grows where the
     /// backend supports that.
-    pub(super) async fn pack(
+    async fn pack(
         &self,
         id: &ContainerLayerId,
         upper: &Path,
@@ -261,7 +260,7 @@ impl LayerSyncManager {
 
     /// A streamed upload of `growing`, or `None` where the store does not stream (or cannot
     /// start: the upload after packing then still works).
-    pub(super) async fn start_stream(
+    async fn start_stream(
         &self,
         growing: objstore::GrowingFile,
         progress: Option<LayerProgress>,
@@ -282,7 +281,7 @@ impl LayerSyncManager {
         }
     }
 
-    pub(super) fn format(&self, stats: &archive::PackStats) -> ArchiveFormat {
+    fn format(&self, stats: &archive::PackStats) -> ArchiveFormat {
         ArchiveFormat {
             tar_format: TAR_FORMAT.to_string(),
             tar_format_version: TAR_FORMAT_VERSION,
@@ -382,7 +381,7 @@ impl LayerSyncManager {
     }
 
     /// Moves the manifest to the intent's digest unless a newer sync owns it.
-    pub(super) async fn advance_manifest(&self, intent: &Intent, resumed: bool) -> Result<(u64, bool)> {
+    async fn advance_manifest(&self, intent: &Intent, resumed: bool) -> Result<(u64, bool)> {
         let id = &intent.identity;
         let key = manifest_key(id);
         for _ in 0..MANIFEST_ATTEMPTS {
@@ -447,7 +446,6 @@ impl LayerSyncManager {
             attempts: MANIFEST_ATTEMPTS,
         })
     }
-
 }
 
 fn unchanged(id: &ContainerLayerId, current: &ManifestEntry) -> SyncOutcome {
@@ -467,4 +465,3 @@ struct Fresh {
     ticket: u64,
     started_at: DateTime<Utc>,
 }
-

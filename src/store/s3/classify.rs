@@ -6,7 +6,6 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
 use crate::store::StoreError;
 
-
 /// Turns an SDK error into a [`StoreError::S3`] with status, code and transience.
 pub(crate) fn s3_err<E>(
     op: &'static str,

@@ -19,7 +19,6 @@ use crate::store::error::Result;
 use crate::store::{StoreError, normalize_prefix};
 
 impl S3Store {
-
     /// Builds the client from `cfg`: static credentials when `access_key_id` is set (secret
     /// from `secret_access_key_file`), otherwise the AWS default chain (env, profile, IMDS).
     pub async fn open(cfg: &LayerStorageConfig) -> Result<Self> {

@@ -6,7 +6,7 @@
 //! retries on top (see [`upload`] and [`download`]).
 //!
 //! Incomplete multipart uploads are billed until aborted. Besides
-//! [`ObjectStore::abort_stale_uploads`], configure the bucket to abort them itself:
+//! [`ObjectStore::abort_stale_uploads`](super::ObjectStore::abort_stale_uploads), configure the bucket to abort them itself:
 //!
 //! ```json
 //! {"Rules": [{"ID": "abort-stale-mpu", "Status": "Enabled", "Filter": {"Prefix": ""},
@@ -16,6 +16,11 @@
 //! (`aws s3api put-bucket-lifecycle-configuration --bucket B --lifecycle-configuration
 //! file://lc.json`). Keep `DaysAfterInitiation` longer than the longest plausible gap before a
 //! resume, or that resume starts over (correct, only slower).
+//!
+//! Layout: `client` builds the SDK client, `probe` detects whether conditional writes are
+//! enforced, `classify` turns SDK errors into [`StoreError`]s, `object_store` implements
+//! [`ObjectStore`](super::ObjectStore); `upload` (journaled multipart), `stream` (upload while packing) and
+//! `download` (parallel ranged GETs) do the transfers.
 
 mod classify;
 mod client;
@@ -36,9 +41,8 @@ use tokio::sync::OnceCell;
 pub(crate) use classify::{is_conflict, is_not_found, is_precondition_failure, s3_err};
 
 use super::error::Result;
-use super::{ObjectStore, StoreError, validate_key};
+use super::{StoreError, validate_key};
 use crate::types::CompletedPart;
-
 
 /// Our own retries around a whole part or a resumed download, on top of the SDK's.
 const OUTER_ATTEMPTS: u32 = 4;
@@ -59,7 +63,8 @@ pub struct S3Store {
 }
 
 impl S3Store {
-    /// The SDK client, for operations outside [`ObjectStore`] (tests, bucket setup).
+    /// The SDK client, for operations outside [`ObjectStore`](super::ObjectStore) (tests, bucket
+    /// setup).
     #[must_use]
     pub fn client(&self) -> &Client {
         &self.client

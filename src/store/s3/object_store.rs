@@ -17,7 +17,6 @@ use crate::store::{
     StoreError, StreamedUpload, UploadJournal, UploadReport,
 };
 
-
 fn to_u64(v: Option<i64>) -> u64 {
     v.and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
 }
