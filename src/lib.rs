@@ -16,6 +16,7 @@ pub mod state;
 pub mod store;
 pub mod sys;
 mod types;
+mod util;
 
 pub use config::{Config, LayerStorageConfig, SnapshotterConfig};
 pub use layer::LayerSyncManager;

@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use super::StateDb;
 use super::manifest::blob_key;
 use super::*;
 use crate::config::LayerStorageConfig;
 use crate::layer::types::ContainerLayerId;
-use super::StateDb;
 use crate::store::{
     ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
     UploadReport,
 };
+use crate::util::error_chain;
 
 type StoreResult<T> = std::result::Result<T, StoreError>;
 
@@ -436,17 +437,6 @@ async fn corrupt_blob_fails_restore_naming_the_key_and_leaves_target_untouched()
     m.restore_layer(&id("0"), &absent).await.unwrap_err();
     assert!(!absent.exists());
     assert_no_spools(&env, "a");
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[tokio::test]

@@ -4,8 +4,6 @@
 //!
 //! [`ObjectStore::put_bytes`]: crate::store::ObjectStore::put_bytes
 
-use std::time::SystemTime;
-
 use aws_sdk_s3::primitives::ByteStream;
 
 use super::{S3Store, is_precondition_failure, s3_err};
@@ -14,18 +12,13 @@ use crate::store::error::Result;
 use crate::store::local::RESERVED_PREFIX;
 
 impl S3Store {
-
     /// Writes a sentinel twice with `If-None-Match: *`; a 412 on the second write means the
     /// service enforces preconditions (Garage 2.5, for one, silently ignores them).
     pub(super) async fn probe_conditional_writes(&self) -> Result<bool> {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
         let key = format!(
-            "{}{RESERVED_PREFIX}probe/{}-{nanos}",
+            "{}{RESERVED_PREFIX}probe/{}",
             self.prefix,
-            std::process::id()
+            crate::util::unique_temp_name(b"conditional-write", "probe").to_string_lossy()
         );
         let put = || {
             self.client
