@@ -18,6 +18,9 @@ pub mod sys;
 mod types;
 mod util;
 
+#[cfg(test)]
+mod layout_tests;
+
 pub use config::{Config, LayerStorageConfig, SnapshotterConfig};
 pub use layer::LayerSyncManager;
 pub use layer::types::{CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState};
