@@ -4,6 +4,8 @@
 //! metadata) as migrations.
 
 mod db;
+#[cfg(test)]
+pub(crate) mod powercut;
 
 use std::path::PathBuf;
 
