@@ -8,12 +8,21 @@ use std::path::{Path, PathBuf};
 /// Top-level modules (a folder under `src/` or a file `src/<name>.rs`) whose dependency graph must
 /// stay acyclic. To check another one, move it here from [`NOT_YET_CHECKED`].
 const CHECKED: &[&str] = &[
-    "archive", "config", "layer", "state", "store", "sys", "types", "util",
+    "archive",
+    "config",
+    "layer",
+    "snapshotter",
+    "state",
+    "store",
+    "sys",
+    "types",
+    "util",
 ];
 
 /// Modules left out for now; edges to and from them are ignored.
-/// `snapshotter` still has its core ↔ persist cycle (being rewritten); `cmd` is the binary's.
-const NOT_YET_CHECKED: &[&str] = &["snapshotter", "cmd"];
+/// `cmd` is the binary's (it sits on top of everything). The snapshotter's inner rule (its
+/// core never names the persistence plug-in) is checked in `snapshotter::layering_tests`.
+const NOT_YET_CHECKED: &[&str] = &["cmd"];
 
 /// Modules that must depend on no other module of the crate.
 const LEAVES: &[&str] = &["types", "util"];

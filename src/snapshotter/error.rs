@@ -161,14 +161,7 @@ impl SnapshotError {
     /// The error and its causes on one line.
     #[must_use]
     pub fn full_message(&self) -> String {
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        message
+        crate::util::error_chain(self)
     }
 }
 

@@ -4,9 +4,9 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::{Result, SnapshotError};
 use super::types::{Kind, Usage};
@@ -82,17 +82,8 @@ pub fn disk_usage(root: &Path) -> Result<Usage> {
 
 /// Moves `dir` into `trash` under a unique name; the sweeper deletes it later.
 pub fn move_to_trash(dir: &Path, trash: &Path) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let target = trash.join(format!(
-        "{name}-{}-{}-{n}",
-        std::process::id(),
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
-    ));
+    let name = dir.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    let target = trash.join(crate::util::unique_temp_name(name, "trash"));
     fs::rename(dir, &target).map_err(SnapshotError::io("move to trash", dir))
 }
 

@@ -389,17 +389,7 @@ impl Persistence {
     }
 }
 
-/// An error and its causes on one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub(crate) use crate::util::error_chain;
 
 fn to_snapshot_error(e: PersistError) -> SnapshotError {
     SnapshotError::hook(e)

@@ -257,9 +257,9 @@ fn quarantine(att: &Attached, path: &Path, why: &str) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let dest = dir.join(format!(
-        "outbox-{name}-{}",
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    let dest = dir.join(crate::util::unique_temp_name(
+        format!("outbox-{name}").as_bytes(),
+        "quarantined",
     ));
     tracing::error!(path = %path.display(), quarantined = %dest.display(), reason = why,
         "outbox entry cannot be matched to a queued layer; quarantined, not deleted");

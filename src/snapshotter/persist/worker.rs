@@ -228,9 +228,9 @@ impl Persistence {
         })?;
         if location == Some(Location::Outbox) {
             let dir = att.outbox.join(id.to_string());
-            let doomed = att.trash.join(format!(
-                "outbox-{id}-{}",
-                chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+            let doomed = att.trash.join(crate::util::unique_temp_name(
+                format!("outbox-{id}").as_bytes(),
+                "synced",
             ));
             std::fs::rename(&dir, &doomed).map_err(PersistError::io("move to the trash", &dir))?;
             if let Err(e) = std::fs::remove_dir_all(&doomed) {
