@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let target = parent.join("target");
     let opts = archive::UnpackOptions {
-        max_uncompressed: 64 << 20,
+        max_uncompressed: 8 << 20,
         ..archive::UnpackOptions::default()
     };
     let result = archive::unpack_reader(
