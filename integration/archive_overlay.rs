@@ -1,7 +1,7 @@
 //! Archive exactness through a real overlay mount, and the committed hostile corpus.
 //!
-//! The overlay tests need root and overlayfs; outside CI (`CI` unset) they skip with a reason,
-//! in CI they fail instead.
+//! The overlay tests need root and overlayfs; without them they fail, unless the opt-out is set
+//! (see `util::require`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -12,15 +12,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use zlayer_storage::archive::{self, ArchiveError, PackOptions, UnpackOptions, XattrNs};
 
-fn require_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    let msg = format!("{test}: needs root for overlay mounts");
-    assert!(std::env::var_os("CI").is_none(), "{msg}; CI requires it");
-    eprintln!("skipping {msg}");
-    false
-}
+use crate::util::require;
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -288,7 +280,7 @@ fn merged_view(root: &Path) -> BTreeMap<PathBuf, View> {
 
 #[test]
 fn overlay_upper_round_trip_gives_an_identical_merged_view() {
-    if !require_root("overlay_upper_round_trip_gives_an_identical_merged_view") {
+    if !require::root("overlay_upper_round_trip_gives_an_identical_merged_view") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -406,7 +398,7 @@ fn overlay_upper_round_trip_gives_an_identical_merged_view() {
 
 #[test]
 fn metacopy_upper_is_refused_naming_the_file() {
-    if !require_root("metacopy_upper_is_refused_naming_the_file") {
+    if !require::root("metacopy_upper_is_refused_naming_the_file") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -427,12 +419,12 @@ fn metacopy_upper_is_refused_naming_the_file() {
     assert!(!spool.exists());
 }
 
-fn fixtures() -> PathBuf {
+pub(crate) fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/fixtures/archive")
 }
 
 /// Expected error variant per fixture, from `cases.txt`.
-fn expected_cases() -> BTreeMap<String, String> {
+pub(crate) fn expected_cases() -> BTreeMap<String, String> {
     fs::read_to_string(fixtures().join("cases.txt"))
         .unwrap()
         .lines()

@@ -37,7 +37,8 @@ if test -e /etc/motd; then echo motd-present; else echo motd-absent; fi";
 
 const EXPECTED_STATE: &str = "hello\ncfg\nnew\nkeep me\n600\n/data/new.txt\nn\nmotd-absent\n";
 
-/// Garage-backed storage under a prefix unique to this test; `None` means skip (outside CI).
+/// Garage-backed storage under a prefix unique to this test; `None` when Garage is missing and
+/// the opt-out is set (see `util::require`).
 fn garage_storage(test: &str) -> Option<LayerStorageConfig> {
     crate::util::garage::garage_or_skip(test).map(|g| g.config(test))
 }

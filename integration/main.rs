@@ -1,7 +1,8 @@
 //! Integration tests against real components (Garage, containerd, overlayfs).
-//! Tests that need a component skip with a printed reason only when not in CI (`CI` unset);
-//! in CI a missing component is a failure.
+//! A test that needs a missing component fails naming it, unless `ZLAYER_TESTS_ALLOW_MISSING=1`
+//! (then it skips); see `util::require`. `integration/test.sh` installs everything and runs them.
 
+mod archive_hostile;
 mod archive_overlay;
 mod containerd_e2e;
 mod layer_cli;

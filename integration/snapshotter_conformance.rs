@@ -2,7 +2,8 @@
 //! and against our generated gRPC client: error codes, List batching, restart, socket handling.
 //!
 //! Needs root (the suite mounts overlays) and Go with Debian's containerd sources
-//! (`golang-github-containerd-containerd-dev`). Outside CI a missing piece skips with a reason.
+//! (`golang-github-containerd-containerd-dev`). A missing piece fails the test naming it, unless
+//! the opt-out is set (see `util::require`).
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -17,18 +18,26 @@ use tonic::transport::{Channel, Endpoint};
 use zlayer_storage::proto::snapshots as pb;
 use zlayer_storage::proto::snapshots::snapshots_client::SnapshotsClient;
 
+use crate::util::require::{self, Component};
+
 const BIN: &str = env!("CARGO_BIN_EXE_zlayer-storage");
 const GOCODE: &str = "/usr/share/gocode/src/github.com/containerd/containerd/snapshots/testsuite";
 
-/// Root and the Go toolchain with containerd's sources; in CI their absence fails the test.
-fn require(what: &str, ok: bool) -> bool {
-    if ok {
-        return true;
+/// Root, Go and containerd's Go sources for the suite (recorded as a conformance test).
+fn require_go_suite(test: &str) -> bool {
+    if !is_root() {
+        return require::missing(test, "root", require::INSTALL_ROOT);
     }
-    let reason = format!("snapshotter conformance needs {what}");
-    assert!(std::env::var_os("CI").is_none(), "{reason}");
-    eprintln!("skipping: {reason}");
-    false
+    if !have_go_suite() {
+        return require::missing(
+            test,
+            "go and containerd's Go sources",
+            "`apt-get install golang-go golang-github-containerd-containerd-dev` \
+             (`bash integration/test.sh` does this)",
+        );
+    }
+    require::ran(Component::Conformance, test);
+    true
 }
 
 fn is_root() -> bool {
@@ -130,7 +139,7 @@ fn assert_full_pass(run: &GoRun) {
 
 #[test]
 fn containerd_testsuite_passes_against_the_daemon() {
-    if !require("root", is_root()) || !require("go and containerd's Go sources", have_go_suite()) {
+    if !require_go_suite("containerd_testsuite_passes_against_the_daemon") {
         return;
     }
     assert_full_pass(&run_go_suite("TestZlayer"));
@@ -139,7 +148,7 @@ fn containerd_testsuite_passes_against_the_daemon() {
 #[test]
 fn containerd_testsuite_baseline_overlay_passes_through_the_same_proxy() {
     // The reference the benchmark compares against must itself be conformant through the harness.
-    if !require("root", is_root()) || !require("go and containerd's Go sources", have_go_suite()) {
+    if !require_go_suite("containerd_testsuite_baseline_overlay_passes_through_the_same_proxy") {
         return;
     }
     assert_full_pass(&run_go_suite("TestOverlayBaseline"));
@@ -483,7 +492,7 @@ async fn a_live_socket_is_not_taken_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_upper_dirs_take_the_parents_owner() {
-    if !require("root", is_root()) {
+    if !require::root("new_upper_dirs_take_the_parents_owner") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -118,7 +118,7 @@ struct StreamEnv {
     store: S3Store,
 }
 
-/// [`StreamEnv`] for `test` under `prefix`; `None` (skip) outside CI without Garage.
+/// [`StreamEnv`] for `test` under `prefix`; `None` when Garage is missing and the opt-out is set.
 async fn stream_env(test: &str, prefix: &str) -> Option<StreamEnv> {
     let g = garage_or_skip(test)?;
     let dir = tempfile::tempdir().unwrap();

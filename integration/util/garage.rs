@@ -5,8 +5,8 @@
 //! binary exits, the pipe closes, and the supervisor kills Garage and removes its directory.
 //! Each test gets its own key prefix through [`Garage::config`].
 //!
-//! The binary comes from `$GARAGE_BIN`, `~/.cargo/bin/garage` or `PATH`. Without it, tests skip
-//! with a printed reason, except in CI (`CI` set), where that is a failure.
+//! The binary comes from `$GARAGE_BIN`, `~/.cargo/bin/garage` or `PATH`. Without it a test
+//! fails naming it, unless the opt-out is set (see [`super::require`]); then it skips.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use zlayer_storage::config::{BackendKind, LayerStorageConfig, MIN_PART_SIZE};
+
+use super::require::{self, Component};
 
 pub const BUCKET: &str = "zlayer-test";
 pub const ACCESS_KEY: &str = "GKzlayertest0001";
@@ -35,18 +37,22 @@ pub struct Garage {
 static GARAGE: OnceLock<Result<Garage, String>> = OnceLock::new();
 static PREFIX_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// The shared Garage, or `None` (after printing why) when it is not installed outside CI.
+/// The shared Garage (the test is recorded as a Garage test), or `None` when it is not
+/// installed and the opt-out is set; without the opt-out a missing Garage fails the test.
 pub fn garage_or_skip(test: &str) -> Option<&'static Garage> {
     let Some(bin) = find_binary() else {
-        let msg = "garage binary not found ($GARAGE_BIN, ~/.cargo/bin/garage, PATH)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{test}: {msg}; CI requires it");
-        }
-        eprintln!("skipping {test}: {msg}");
+        let _skip = require::missing(
+            test,
+            "the garage binary ($GARAGE_BIN, ~/.cargo/bin/garage or PATH)",
+            "`cargo install garage --version 2.5.0 --locked` (`bash integration/test.sh` does this)",
+        );
         return None;
     };
     match GARAGE.get_or_init(|| Garage::start(&bin)) {
-        Ok(g) => Some(g),
+        Ok(g) => {
+            require::ran(Component::Garage, test);
+            Some(g)
+        }
         Err(e) => panic!("{test}: cannot start garage: {e}"),
     }
 }

@@ -2,3 +2,4 @@
 pub mod containerd;
 pub mod garage;
 pub mod image;
+pub mod require;
