@@ -4,14 +4,15 @@
 #   1. seeds fuzz/corpus/archive_reader (git-ignored) with the hostile corpus
 #      (integration/fixtures/archive), the tar streams inside it (so mutations reach the tar
 #      parser) and two valid layers packed by `zlayer-storage sync`;
-#   2. builds the target with nightly cargo-fuzz (address sanitizer, debug assertions);
+#   2. builds the target with cargo-fuzz (address sanitizer, debug assertions) on the stable
+#      toolchain with RUSTC_BOOTSTRAP=1;
 #   3. runs every committed reproducer (fuzz/regressions/archive_reader) and the seeds, then
 #      fuzzes for ZLAYER_FUZZ_SECONDS (default 120).
 # A crash, a hang (> 10 s on one input), an out-of-memory or a write outside the target (the
 # target panics) makes libFuzzer exit non-zero, and so this script; the input is saved under
 # fuzz/artifacts/archive_reader/.
 #
-# Needs: nightly toolchain, cargo-fuzz, zstd, the debug binary (built here if missing).
+# Needs: cargo-fuzz, zstd, the debug binary (built here if missing).
 set -euo pipefail
 fuzz=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$fuzz")
@@ -74,7 +75,10 @@ echo "fuzz: $(find "$corpus" -type f | wc -l) corpus inputs, $(find "$regression
 # artifacts must not land in (or rebuild) the main target dir.
 start=$(date +%s)
 fuzz_build=(--debug-assertions --target-dir "$fuzz/target" archive_reader)
-(cd "$repo" && cargo +nightly fuzz build "${fuzz_build[@]}")
+# The machine's one (stable) toolchain, with RUSTC_BOOTSTRAP=1 for cargo-fuzz's -Z flags: its
+# rust-std ships the sanitizer runtimes, and a fresh machine has no other toolchain to fetch.
+export RUSTC_BOOTSTRAP=1
+(cd "$repo" && cargo fuzz build "${fuzz_build[@]}")
 echo "fuzz: build took $(($(date +%s) - start)) s"
 
 # 3. Run. The regressions dir comes second, so new inputs are only written to the corpus. Each
@@ -83,7 +87,7 @@ cd "$repo"
 if [[ -z ${ZLAYER_FUZZ_TMPDIR:-} && -d /dev/shm && -w /dev/shm ]]; then ZLAYER_FUZZ_TMPDIR=/dev/shm; fi
 set +e
 TMPDIR=${ZLAYER_FUZZ_TMPDIR:-${TMPDIR:-/tmp}} \
-    cargo +nightly fuzz run "${fuzz_build[@]}" "$corpus" "$regressions" -- \
+    cargo fuzz run "${fuzz_build[@]}" "$corpus" "$regressions" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -print_final_stats=1 >"$log" 2>&1
 rc=$?

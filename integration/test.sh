@@ -3,7 +3,7 @@
 # as root:
 #   1. installs what the tests need when missing: apt packages (containerd, runc, umoci,
 #      busybox-static, Go with containerd's sources for the conformance suite, zstd, ...), a
-#      nightly toolchain and cargo-fuzz (for the fuzz run), and Garage 2.5.0 (`cargo install`,
+#      cargo-fuzz (for the fuzz run), and Garage 2.5.0 (`cargo install`,
 #      the S3 server of the S3 tests; about 11 minutes to build);
 #   2. runs every test: `cargo test --locked -- --test-threads=2`. A test whose component is
 #      missing fails, naming it, unless ZLAYER_TESTS_ALLOW_MISSING=1 (then it skips, saying so);
@@ -46,10 +46,8 @@ fi
 step "rust toolchains"
 command -v cargo >/dev/null || die "cargo not found: install rustup (https://rustup.rs) into ~/.cargo"
 cargo --version
-if ! rustup run nightly cargo --version >/dev/null 2>&1; then
-    rustup toolchain install nightly --profile minimal || die "installing the nightly toolchain failed"
-fi
-cargo +nightly --version
+# The fuzz run uses this one stable toolchain with RUSTC_BOOTSTRAP=1 (its rust-std ships the
+# sanitizer runtimes); no other toolchain is downloaded.
 
 step "cargo-fuzz"
 if ! cargo fuzz --version >/dev/null 2>&1; then
