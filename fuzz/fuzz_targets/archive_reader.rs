@@ -26,6 +26,10 @@ use sha2::{Digest, Sha256};
 #[allow(dead_code, unused_imports)]
 #[path = "../../src/archive/mod.rs"]
 mod archive;
+// The archive module's one crate-internal dependency (a leaf, std only).
+#[path = "../../src/util.rs"]
+#[allow(dead_code)]
+mod util;
 
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Levels of canary dirs between the temp root and the target (`../../..` stays inside).
