@@ -1065,46 +1065,44 @@ fn restores_are_durable_before_they_are_swapped_in() {
 /// and gets the archived root's mode only when it is complete.
 #[test]
 fn restore_staging_is_private_until_finished() {
-    use crate::sys::private::testing::{UMASKS, mode_of, with_umask};
+    use crate::sys::private::testing::{for_each_umask, mode_of};
     use std::sync::Mutex;
-    for mask in UMASKS {
-        with_umask(mask, || {
-            let t = tempfile::tempdir().unwrap();
-            let src = t.path().join("src");
-            fs::create_dir(&src).unwrap();
-            // Incompressible and above the 4 MiB progress step, so progress fires mid-restore.
-            let mut data = vec![0u8; 6 << 20];
-            let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-            for b in &mut data {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
+    for_each_umask(|mask| {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        // Incompressible and above the 4 MiB progress step, so progress fires mid-restore.
+        let mut data = vec![0u8; 6 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for b in &mut data {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        fs::write(src.join("big"), &data).unwrap();
+        chmod(&src.join("big"), 0o640);
+        chmod(&src, 0o751);
+        let (spool, stats) = pack(&src, t.path(), 1);
+        let parent = t.path().join("restore");
+        fs::create_dir(&parent).unwrap();
+        let seen = Mutex::new(Vec::new());
+        let progress = |_: u64| {
+            for e in fs::read_dir(&parent).unwrap() {
+                let p = e.unwrap().path();
+                seen.lock().unwrap().push(mode_of(&p));
             }
-            fs::write(src.join("big"), &data).unwrap();
-            chmod(&src.join("big"), 0o640);
-            chmod(&src, 0o751);
-            let (spool, stats) = pack(&src, t.path(), 1);
-            let parent = t.path().join("restore");
-            fs::create_dir(&parent).unwrap();
-            let seen = Mutex::new(Vec::new());
-            let progress = |_: u64| {
-                for e in fs::read_dir(&parent).unwrap() {
-                    let p = e.unwrap().path();
-                    seen.lock().unwrap().push(mode_of(&p));
-                }
-            };
-            let dst = parent.join("upper");
-            unpack_file(&spool, &stats.digest, &dst, &root_opts(), Some(&progress)).unwrap();
-            let seen = seen.into_inner().unwrap();
-            assert!(!seen.is_empty(), "progress never saw the staging dir");
-            let octal: Vec<String> = seen.iter().map(|m| format!("{m:04o}")).collect();
-            assert!(
-                seen.iter().all(|m| *m == 0o700),
-                "umask {mask:03o}: {octal:?}"
-            );
-            assert_eq!(mode_of(&dst), 0o751);
-            assert_eq!(mode_of(&dst.join("big")), 0o640);
-        });
-    }
+        };
+        let dst = parent.join("upper");
+        unpack_file(&spool, &stats.digest, &dst, &root_opts(), Some(&progress)).unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert!(!seen.is_empty(), "progress never saw the staging dir");
+        let octal: Vec<String> = seen.iter().map(|m| format!("{m:04o}")).collect();
+        assert!(
+            seen.iter().all(|m| *m == 0o700),
+            "umask {mask:03o}: {octal:?}"
+        );
+        assert_eq!(mode_of(&dst), 0o751);
+        assert_eq!(mode_of(&dst.join("big")), 0o640);
+    });
 }

@@ -254,12 +254,7 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
 /// Write to a temp file, fsync, rename over `path`, fsync the directory.
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let mut f = private::file_options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    let mut f = private::create(&tmp).map_err(io(&tmp))?;
     f.write_all(data).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     drop(f);
@@ -333,49 +328,47 @@ mod tests {
 
     #[test]
     fn staging_dirs_spools_intents_and_locks_are_private_under_any_umask() {
-        use crate::sys::private::testing::{UMASKS, assert_private, with_umask};
+        use crate::sys::private::testing::{assert_private, for_each_umask};
         use std::os::unix::fs::PermissionsExt;
-        for mask in UMASKS {
-            with_umask(mask, || {
-                let dir = tempfile::tempdir().unwrap();
-                let root = dir.path().join("staging");
-                let st = Staging::open(&root).unwrap();
-                assert_private(&root);
-                // Subdirs left world-readable by an older version are tightened on open.
-                std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o755))
-                    .unwrap();
-                let st = {
-                    drop(st);
-                    Staging::open(&root).unwrap()
-                };
-                let upper = dir.path().join("upper");
-                std::fs::create_dir(&upper).unwrap();
-                std::fs::write(upper.join("secret"), b"s3cr3t").unwrap();
-                let spool = st.temp_path("pack");
-                let stats = crate::archive::pack_to_file(
-                    &upper,
-                    &spool,
-                    &crate::archive::PackOptions::default(),
-                    None,
-                )
+        for_each_umask(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("staging");
+            let st = Staging::open(&root).unwrap();
+            assert_private(&root);
+            // Subdirs left world-readable by an older version are tightened on open.
+            std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o755))
                 .unwrap();
-                assert_private(&spool);
-                let id = ContainerLayerId::new("s", "i");
-                let blob = st.commit(&spool, &intent(&id, &stats.digest)).unwrap();
-                let _lock = st.lock_identity(&id, true).unwrap().unwrap();
-                for p in [
-                    root.clone(),
-                    root.join("tmp"),
-                    root.join("ready"),
-                    root.join("locks"),
-                    blob,
-                    st.intent_path(&id, &stats.digest),
-                    st.locks.join(format!("{}{LOCK_SUFFIX}", id.to_key())),
-                ] {
-                    assert_private(&p);
-                }
-            });
-        }
+            let st = {
+                drop(st);
+                Staging::open(&root).unwrap()
+            };
+            let upper = dir.path().join("upper");
+            std::fs::create_dir(&upper).unwrap();
+            std::fs::write(upper.join("secret"), b"s3cr3t").unwrap();
+            let spool = st.temp_path("pack");
+            let stats = crate::archive::pack_to_file(
+                &upper,
+                &spool,
+                &crate::archive::PackOptions::default(),
+                None,
+            )
+            .unwrap();
+            assert_private(&spool);
+            let id = ContainerLayerId::new("s", "i");
+            let blob = st.commit(&spool, &intent(&id, &stats.digest)).unwrap();
+            let _lock = st.lock_identity(&id, true).unwrap().unwrap();
+            for p in [
+                root.clone(),
+                root.join("tmp"),
+                root.join("ready"),
+                root.join("locks"),
+                blob,
+                st.intent_path(&id, &stats.digest),
+                st.locks.join(format!("{}{LOCK_SUFFIX}", id.to_key())),
+            ] {
+                assert_private(&p);
+            }
+        });
     }
 
     #[test]

@@ -331,32 +331,30 @@ mod tests {
 
     #[test]
     fn database_wal_and_shm_are_private_under_any_umask() {
-        use crate::sys::private::testing::{UMASKS, assert_private, with_umask};
+        use crate::sys::private::testing::{assert_private, for_each_umask};
         use std::os::unix::fs::PermissionsExt;
-        for mask in UMASKS {
-            with_umask(mask, || {
-                let dir = tempfile::tempdir().unwrap();
-                let path = dir.path().join("state/db.sqlite");
-                let db = Database::open(&path, V1).unwrap();
-                db.call_blocking("insert", |c| c.execute("INSERT INTO t (x) VALUES (1)", []))
-                    .unwrap();
-                for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
-                    assert_private(&p);
-                }
-                assert_private(&dir.path().join("state"));
-                drop(db);
-                // A file left readable by an older version is tightened on open, and its WAL
-                // follows the main file's mode.
-                let open = std::fs::Permissions::from_mode(0o644);
-                std::fs::set_permissions(&path, open).unwrap();
-                let db = Database::open(&path, V1).unwrap();
-                db.call_blocking("insert", |c| c.execute("INSERT INTO t (x) VALUES (2)", []))
-                    .unwrap();
-                for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
-                    assert_private(&p);
-                }
-            });
-        }
+        for_each_umask(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state/db.sqlite");
+            let db = Database::open(&path, V1).unwrap();
+            db.call_blocking("insert", |c| c.execute("INSERT INTO t (x) VALUES (1)", []))
+                .unwrap();
+            for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+                assert_private(&p);
+            }
+            assert_private(&dir.path().join("state"));
+            drop(db);
+            // A file left readable by an older version is tightened on open, and its WAL
+            // follows the main file's mode.
+            let open = std::fs::Permissions::from_mode(0o644);
+            std::fs::set_permissions(&path, open).unwrap();
+            let db = Database::open(&path, V1).unwrap();
+            db.call_blocking("insert", |c| c.execute("INSERT INTO t (x) VALUES (2)", []))
+                .unwrap();
+            for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+                assert_private(&p);
+            }
+        });
     }
 
     #[test]

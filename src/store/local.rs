@@ -392,12 +392,7 @@ impl ObjectStore for LocalStore {
                 Err(e) if is_absent(&e) => return Err(StoreError::NotFound { location }),
                 Err(e) => return Err(io_err("stat", &src)(e)),
             }
-            let out = private::file_options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&dest)
-                .map_err(io_err("create", &dest))?;
+            let out = private::create(&dest).map_err(io_err("create", &dest))?;
             copy_synced(&src, out, &dest, progress.as_ref())
         })
         .await
@@ -531,50 +526,48 @@ mod tests {
 
     #[test]
     fn store_dirs_objects_temp_and_lock_files_are_private_under_any_umask() {
-        use crate::sys::private::testing::{UMASKS, assert_private, with_umask};
+        use crate::sys::private::testing::{assert_private, for_each_umask};
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        for mask in UMASKS {
-            with_umask(mask, || {
-                rt.block_on(async {
-                    let dir = tempfile::tempdir().unwrap();
-                    let s = LocalStore::new(&dir.path().join("root"), "layers/").unwrap();
-                    s.put_bytes("ids/a/manifest.json", b"{}".to_vec(), PutCondition::None)
-                        .await
-                        .unwrap();
-                    // A spool another process left readable still lands private.
-                    let spool = dir.path().join("spool");
-                    std::fs::write(&spool, b"layer").unwrap();
-                    s.upload_file("blobs/d.tar.zst", &spool, &NoJournal, None)
-                        .await
-                        .unwrap();
-                    let copy = dir.path().join("copy");
-                    s.download_to_file("blobs/d.tar.zst", &copy, None)
-                        .await
-                        .unwrap();
-                    // A temp file as the writers create it (the others are renamed away).
-                    let (tmp, _f) = create_temp(s.base()).unwrap();
-                    let base = s.base().to_path_buf();
-                    for p in [
-                        dir.path().join("root"),
-                        base.clone(),
-                        base.join("ids"),
-                        base.join("ids/a"),
-                        base.join("ids/a/manifest.json"),
-                        base.join("ids/a").join(LOCK_NAME),
-                        base.join("blobs"),
-                        base.join("blobs/d.tar.zst"),
-                        tmp,
-                        copy,
-                    ] {
-                        assert_private(&p);
-                    }
-                });
+        for_each_umask(|_| {
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let s = LocalStore::new(&dir.path().join("root"), "layers/").unwrap();
+                s.put_bytes("ids/a/manifest.json", b"{}".to_vec(), PutCondition::None)
+                    .await
+                    .unwrap();
+                // A spool another process left readable still lands private.
+                let spool = dir.path().join("spool");
+                std::fs::write(&spool, b"layer").unwrap();
+                s.upload_file("blobs/d.tar.zst", &spool, &NoJournal, None)
+                    .await
+                    .unwrap();
+                let copy = dir.path().join("copy");
+                s.download_to_file("blobs/d.tar.zst", &copy, None)
+                    .await
+                    .unwrap();
+                // A temp file as the writers create it (the others are renamed away).
+                let (tmp, _f) = create_temp(s.base()).unwrap();
+                let base = s.base().to_path_buf();
+                for p in [
+                    dir.path().join("root"),
+                    base.clone(),
+                    base.join("ids"),
+                    base.join("ids/a"),
+                    base.join("ids/a/manifest.json"),
+                    base.join("ids/a").join(LOCK_NAME),
+                    base.join("blobs"),
+                    base.join("blobs/d.tar.zst"),
+                    tmp,
+                    copy,
+                ] {
+                    assert_private(&p);
+                }
             });
-        }
+        });
     }
 
     fn no_temp_files(dir: &Path) -> bool {

@@ -4,7 +4,7 @@
 //! (0o022, 0o000) never widens them. [`restrict`] tightens files that already exist (written by
 //! an older version, or created by a library we do not control).
 
-use std::fs::{DirBuilder, OpenOptions, Permissions};
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
@@ -20,6 +20,15 @@ pub fn file_options() -> OpenOptions {
     let mut o = OpenOptions::new();
     o.mode(FILE_MODE);
     o
+}
+
+/// `File::create` (write, create, truncate) with [`FILE_MODE`].
+pub fn create(path: &Path) -> io::Result<File> {
+    file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
 }
 
 /// `create_dir_all` where every directory it creates gets [`DIR_MODE`]; existing ones are kept.
@@ -59,7 +68,14 @@ pub(crate) mod testing {
     static UMASK: Mutex<()> = Mutex::new(());
 
     /// The umasks every privacy test runs under: the usual default and the most permissive.
-    pub(crate) const UMASKS: [u32; 2] = [0o022, 0o000];
+    const UMASKS: [u32; 2] = [0o022, 0o000];
+
+    /// Runs `f` once under each of [`UMASKS`], passing the umask.
+    pub(crate) fn for_each_umask(f: impl Fn(u32)) {
+        for mask in UMASKS {
+            with_umask(mask, || f(mask));
+        }
+    }
 
     /// Runs `f` with the process umask set to `mask`, restoring the previous one afterwards.
     pub(crate) fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> T {
@@ -107,32 +123,30 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{UMASKS, assert_private, mode_of, with_umask};
+    use super::testing::{assert_private, for_each_umask, mode_of};
     use super::*;
 
     #[test]
     fn helpers_create_private_files_and_dirs_under_any_umask() {
-        for mask in UMASKS {
-            with_umask(mask, || {
-                let t = tempfile::tempdir().unwrap();
-                let deep = t.path().join("a/b/c");
-                create_dir_all(&deep).unwrap();
-                for d in ["a", "a/b", "a/b/c"] {
-                    assert_private(&t.path().join(d));
-                }
-                let f = deep.join("f");
-                file_options()
-                    .write(true)
-                    .create_new(true)
-                    .open(&f)
-                    .unwrap();
-                assert_private(&f);
-                // The same calls without our modes give what the umask allows.
-                let plain = t.path().join("plain");
-                std::fs::write(&plain, b"x").unwrap();
-                assert_eq!(mode_of(&plain), 0o666 & !mask);
-            });
-        }
+        for_each_umask(|mask| {
+            let t = tempfile::tempdir().unwrap();
+            let deep = t.path().join("a/b/c");
+            create_dir_all(&deep).unwrap();
+            for d in ["a", "a/b", "a/b/c"] {
+                assert_private(&t.path().join(d));
+            }
+            let f = deep.join("f");
+            file_options()
+                .write(true)
+                .create_new(true)
+                .open(&f)
+                .unwrap();
+            assert_private(&f);
+            // The same calls without our modes give what the umask allows.
+            let plain = t.path().join("plain");
+            std::fs::write(&plain, b"x").unwrap();
+            assert_eq!(mode_of(&plain), 0o666 & !mask);
+        });
     }
 
     #[test]

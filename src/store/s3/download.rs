@@ -406,18 +406,16 @@ mod tests {
 
     #[test]
     fn download_targets_are_created_private_under_any_umask() {
-        use crate::sys::private::testing::{UMASKS, assert_private, with_umask};
+        use crate::sys::private::testing::{assert_private, for_each_umask};
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        for mask in UMASKS {
-            with_umask(mask, || {
-                let dir = tempfile::tempdir().unwrap();
-                let dest = dir.path().join("restore.tar.zst");
-                rt.block_on(create_private(&dest)).unwrap();
-                assert_private(&dest);
-            });
-        }
+        for_each_umask(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("restore.tar.zst");
+            rt.block_on(create_private(&dest)).unwrap();
+            assert_private(&dest);
+        });
     }
 
     #[test]
