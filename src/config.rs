@@ -182,56 +182,117 @@ impl LayerStorageConfig {
         Ok(())
     }
 
-    /// Applies `ZLAYER_STORAGE_<FIELD>` overrides (upper-case field names).
-    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
-        let get = |k: &str| env(&format!("ZLAYER_STORAGE_{k}"));
-        if let Some(v) = get("BACKEND") {
-            self.backend = match v.as_str() {
-                "local" => BackendKind::Local,
-                "s3" => BackendKind::S3,
-                _ => return Err(invalid("ZLAYER_STORAGE_BACKEND", v, "must be local or s3")),
-            };
-        }
-        if let Some(v) = get("LOCAL_STORE_DIR") {
-            self.local_store_dir = v.into();
-        }
-        if let Some(v) = get("BUCKET") {
-            self.bucket = v;
-        }
-        if let Some(v) = get("PREFIX") {
-            self.prefix = v;
-        }
-        if let Some(v) = get("REGION") {
-            self.region = Some(v);
-        }
-        if let Some(v) = get("ENDPOINT_URL") {
-            self.endpoint_url = Some(v);
-        }
-        if let Some(v) = get("FORCE_PATH_STYLE") {
-            self.force_path_style = Some(parse_env("ZLAYER_STORAGE_FORCE_PATH_STYLE", &v)?);
-        }
-        if let Some(v) = get("STAGING_DIR") {
-            self.staging_dir = v.into();
-        }
-        if let Some(v) = get("STATE_DB_PATH") {
-            self.state_db_path = v.into();
-        }
-        if let Some(v) = get("PART_SIZE_BYTES") {
-            self.part_size_bytes = parse_env("ZLAYER_STORAGE_PART_SIZE_BYTES", &v)?;
-        }
-        if let Some(v) = get("MAX_CONCURRENT_UPLOADS") {
-            self.max_concurrent_uploads = parse_env("ZLAYER_STORAGE_MAX_CONCURRENT_UPLOADS", &v)?;
-        }
-        if let Some(v) = get("COMPRESSION_LEVEL") {
-            self.compression_level = parse_env("ZLAYER_STORAGE_COMPRESSION_LEVEL", &v)?;
-        }
-        Ok(())
-    }
-
     /// Path-style addressing actually used (custom endpoints rarely have wildcard DNS).
     #[must_use]
     pub fn path_style(&self) -> bool {
         self.force_path_style.unwrap_or(self.endpoint_url.is_some())
+    }
+}
+
+/// Declares the `ZLAYER_STORAGE_<KEY>` override of every `[storage]` key and the function that
+/// applies them; the variable is the key in upper case (a test checks the list against the
+/// struct's fields, so a new key without an override fails it).
+macro_rules! storage_env_overrides {
+    ($($field:ident => $var:literal),* $(,)?) => {
+        /// `(key, variable)` for every `[storage]` key, in declaration order.
+        pub const STORAGE_ENV_OVERRIDES: &[(&str, &str)] = &[$((stringify!($field), $var)),*];
+
+        impl LayerStorageConfig {
+            /// Applies the `ZLAYER_STORAGE_<KEY>` overrides (see [`STORAGE_ENV_OVERRIDES`]).
+            /// An empty value unsets an optional key; a value that does not parse is an error
+            /// naming the variable.
+            pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+                $(
+                    if let Some(v) = env($var) {
+                        self.$field = FromEnv::from_env($var, &v)?;
+                    }
+                )*
+                Ok(())
+            }
+        }
+    };
+}
+
+storage_env_overrides! {
+    backend => "ZLAYER_STORAGE_BACKEND",
+    local_store_dir => "ZLAYER_STORAGE_LOCAL_STORE_DIR",
+    bucket => "ZLAYER_STORAGE_BUCKET",
+    prefix => "ZLAYER_STORAGE_PREFIX",
+    region => "ZLAYER_STORAGE_REGION",
+    endpoint_url => "ZLAYER_STORAGE_ENDPOINT_URL",
+    force_path_style => "ZLAYER_STORAGE_FORCE_PATH_STYLE",
+    access_key_id => "ZLAYER_STORAGE_ACCESS_KEY_ID",
+    secret_access_key_file => "ZLAYER_STORAGE_SECRET_ACCESS_KEY_FILE",
+    sse => "ZLAYER_STORAGE_SSE",
+    sse_kms_key_id => "ZLAYER_STORAGE_SSE_KMS_KEY_ID",
+    checksum_calculation => "ZLAYER_STORAGE_CHECKSUM_CALCULATION",
+    staging_dir => "ZLAYER_STORAGE_STAGING_DIR",
+    state_db_path => "ZLAYER_STORAGE_STATE_DB_PATH",
+    part_size_bytes => "ZLAYER_STORAGE_PART_SIZE_BYTES",
+    max_concurrent_uploads => "ZLAYER_STORAGE_MAX_CONCURRENT_UPLOADS",
+    compression_level => "ZLAYER_STORAGE_COMPRESSION_LEVEL",
+    compression_workers => "ZLAYER_STORAGE_COMPRESSION_WORKERS",
+    abort_stale_uploads_after_secs => "ZLAYER_STORAGE_ABORT_STALE_UPLOADS_AFTER_SECS",
+    max_restore_bytes => "ZLAYER_STORAGE_MAX_RESTORE_BYTES",
+    max_expansion_ratio => "ZLAYER_STORAGE_MAX_EXPANSION_RATIO",
+    max_retries => "ZLAYER_STORAGE_MAX_RETRIES",
+}
+
+/// A `[storage]` value parsed from its environment variable `var`.
+trait FromEnv: Sized {
+    fn from_env(var: &'static str, v: &str) -> Result<Self>;
+}
+
+impl FromEnv for String {
+    fn from_env(_: &'static str, v: &str) -> Result<Self> {
+        Ok(v.to_string())
+    }
+}
+
+impl FromEnv for PathBuf {
+    fn from_env(_: &'static str, v: &str) -> Result<Self> {
+        Ok(v.into())
+    }
+}
+
+/// Numbers and booleans, by their `FromStr`.
+macro_rules! from_env_by_parse {
+    ($($t:ty),*) => {$(
+        impl FromEnv for $t {
+            fn from_env(var: &'static str, v: &str) -> Result<Self> {
+                parse_env(var, v)
+            }
+        }
+    )*};
+}
+from_env_by_parse!(bool, i32, u32, u64, usize);
+
+/// Enums, by the same names as in the file (`"s3"`, `"when_required"`).
+macro_rules! from_env_by_serde {
+    ($($t:ty => $allowed:literal),*) => {$(
+        impl FromEnv for $t {
+            fn from_env(var: &'static str, v: &str) -> Result<Self> {
+                use serde::de::IntoDeserializer;
+                let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+                    v.into_deserializer();
+                Self::deserialize(de).map_err(|_| invalid(var, v, $allowed))
+            }
+        }
+    )*};
+}
+from_env_by_serde!(
+    BackendKind => "must be local or s3",
+    ChecksumMode => "must be when_supported or when_required"
+);
+
+/// Optional keys: an empty value unsets them.
+impl<T: FromEnv> FromEnv for Option<T> {
+    fn from_env(var: &'static str, v: &str) -> Result<Self> {
+        if v.is_empty() {
+            Ok(None)
+        } else {
+            T::from_env(var, v).map(Some)
+        }
     }
 }
 
@@ -436,6 +497,145 @@ mod tests {
             .apply_env(&|k| (k == "ZLAYER_STORAGE_PART_SIZE_BYTES").then(|| "lots".to_string()))
             .unwrap_err();
         assert!(err.to_string().contains("ZLAYER_STORAGE_PART_SIZE_BYTES"));
+    }
+
+    /// Every override: the value it is given and the field it must produce (as JSON).
+    const OVERRIDE_CASES: &[(&str, &str, &str)] = &[
+        ("ZLAYER_STORAGE_BACKEND", "s3", r#""s3""#),
+        (
+            "ZLAYER_STORAGE_LOCAL_STORE_DIR",
+            "/srv/store",
+            r#""/srv/store""#,
+        ),
+        ("ZLAYER_STORAGE_BUCKET", "b", r#""b""#),
+        ("ZLAYER_STORAGE_PREFIX", "p/", r#""p/""#),
+        ("ZLAYER_STORAGE_REGION", "eu-west-3", r#""eu-west-3""#),
+        ("ZLAYER_STORAGE_ENDPOINT_URL", "http://s3", r#""http://s3""#),
+        ("ZLAYER_STORAGE_FORCE_PATH_STYLE", "false", "false"),
+        ("ZLAYER_STORAGE_ACCESS_KEY_ID", "GK1", r#""GK1""#),
+        (
+            "ZLAYER_STORAGE_SECRET_ACCESS_KEY_FILE",
+            "/etc/s",
+            r#""/etc/s""#,
+        ),
+        ("ZLAYER_STORAGE_SSE", "aws:kms", r#""aws:kms""#),
+        ("ZLAYER_STORAGE_SSE_KMS_KEY_ID", "k", r#""k""#),
+        (
+            "ZLAYER_STORAGE_CHECKSUM_CALCULATION",
+            "when_required",
+            r#""when_required""#,
+        ),
+        ("ZLAYER_STORAGE_STAGING_DIR", "/st", r#""/st""#),
+        ("ZLAYER_STORAGE_STATE_DB_PATH", "/db", r#""/db""#),
+        ("ZLAYER_STORAGE_PART_SIZE_BYTES", "8388608", "8388608"),
+        ("ZLAYER_STORAGE_MAX_CONCURRENT_UPLOADS", "9", "9"),
+        ("ZLAYER_STORAGE_COMPRESSION_LEVEL", "7", "7"),
+        ("ZLAYER_STORAGE_COMPRESSION_WORKERS", "5", "5"),
+        ("ZLAYER_STORAGE_ABORT_STALE_UPLOADS_AFTER_SECS", "60", "60"),
+        ("ZLAYER_STORAGE_MAX_RESTORE_BYTES", "1024", "1024"),
+        ("ZLAYER_STORAGE_MAX_EXPANSION_RATIO", "50", "50"),
+        ("ZLAYER_STORAGE_MAX_RETRIES", "1", "1"),
+    ];
+
+    fn as_json(c: &LayerStorageConfig) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(c).unwrap() {
+            serde_json::Value::Object(m) => m,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn every_storage_key_has_an_env_override_named_after_it() {
+        let fields: Vec<String> = as_json(&LayerStorageConfig::default())
+            .keys()
+            .cloned()
+            .collect();
+        let mut keys: Vec<String> = STORAGE_ENV_OVERRIDES
+            .iter()
+            .map(|(k, _)| (*k).to_string())
+            .collect();
+        keys.sort();
+        let mut sorted_fields = fields.clone();
+        sorted_fields.sort();
+        assert_eq!(keys, sorted_fields, "[storage] keys without an override");
+        for (key, var) in STORAGE_ENV_OVERRIDES {
+            assert_eq!(*var, format!("ZLAYER_STORAGE_{}", key.to_uppercase()));
+        }
+        let mut tested: Vec<&str> = OVERRIDE_CASES.iter().map(|(v, _, _)| *v).collect();
+        let mut vars: Vec<&str> = STORAGE_ENV_OVERRIDES.iter().map(|(_, v)| *v).collect();
+        tested.sort_unstable();
+        vars.sort_unstable();
+        assert_eq!(tested, vars, "OVERRIDE_CASES must cover every override");
+    }
+
+    #[test]
+    fn each_env_override_sets_exactly_its_key() {
+        let default = as_json(&LayerStorageConfig::default());
+        let key_of = |var: &str| {
+            STORAGE_ENV_OVERRIDES
+                .iter()
+                .find(|(_, v)| *v == var)
+                .map(|(k, _)| *k)
+                .unwrap()
+        };
+        for (var, value, want) in OVERRIDE_CASES {
+            let mut c = LayerStorageConfig::default();
+            c.apply_env(&|k| (k == *var).then(|| (*value).to_string()))
+                .unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+            let got = as_json(&c);
+            let want: serde_json::Value = serde_json::from_str(want).unwrap();
+            let key = key_of(var);
+            assert_eq!(got[key], want, "{var}={value}");
+            assert_ne!(
+                got[key], default[key],
+                "{var}: pick a non-default test value"
+            );
+            for (k, v) in &got {
+                if k != key {
+                    assert_eq!(v, &default[k], "{var} also changed {k}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn env_overrides_unset_optional_keys_and_name_the_variable_on_bad_values() {
+        let mut c = LayerStorageConfig {
+            region: Some("r".into()),
+            force_path_style: Some(true),
+            ..LayerStorageConfig::default()
+        };
+        c.apply_env(&|k| {
+            matches!(
+                k,
+                "ZLAYER_STORAGE_REGION" | "ZLAYER_STORAGE_FORCE_PATH_STYLE"
+            )
+            .then(String::new)
+        })
+        .unwrap();
+        assert_eq!((c.region, c.force_path_style), (None, None));
+        for (var, bad) in [
+            ("ZLAYER_STORAGE_BACKEND", "ftp"),
+            ("ZLAYER_STORAGE_CHECKSUM_CALCULATION", "always"),
+            ("ZLAYER_STORAGE_FORCE_PATH_STYLE", "yes please"),
+            ("ZLAYER_STORAGE_PART_SIZE_BYTES", "lots"),
+            ("ZLAYER_STORAGE_MAX_CONCURRENT_UPLOADS", "-1"),
+            ("ZLAYER_STORAGE_COMPRESSION_LEVEL", "3.5"),
+            ("ZLAYER_STORAGE_COMPRESSION_WORKERS", "x"),
+            ("ZLAYER_STORAGE_ABORT_STALE_UPLOADS_AFTER_SECS", "1d"),
+            ("ZLAYER_STORAGE_MAX_RESTORE_BYTES", "1G"),
+            ("ZLAYER_STORAGE_MAX_EXPANSION_RATIO", ""),
+            ("ZLAYER_STORAGE_MAX_RETRIES", "many"),
+        ] {
+            let err = LayerStorageConfig::default()
+                .apply_env(&|k| (k == var).then(|| bad.to_string()))
+                .unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key, .. } if *key == var),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 
     #[test]

@@ -101,7 +101,7 @@ start_snapshotter() {
     ZL_SOCKET=$BENCH_DIR/zlayer.sock
     ZL_CONFIG=$z/storage.toml
     ZL_ROOT=$z/root
-    printf '%s' "$S3_SECRET" >"$z/s3-secret"
+    (umask 077 && printf '%s' "$S3_SECRET" >"$z/s3-secret") && chmod 600 "$z/s3-secret"
     cat >"$ZL_CONFIG" <<EOF
 [storage]
 backend = "s3"

@@ -123,6 +123,10 @@ admin_token = "{token}"
         let secret_file = dir.join("secret-key");
         std::fs::write(&secret_file, format!("{SECRET_KEY}\n"))
             .map_err(|e| format!("write secret: {e}"))?;
+        // The store refuses a secret file readable by group or others.
+        let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+        std::fs::set_permissions(&secret_file, private)
+            .map_err(|e| format!("chmod secret: {e}"))?;
         let log = dir.join("garage.log");
         // The supervisor: start garage, wait for EOF on stdin, then kill it and clean up.
         let script = r#"

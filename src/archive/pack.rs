@@ -1,7 +1,7 @@
 //! Upper dir → OCI-form PAX tar → zstd → spool file, with sha256 of both streams.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -212,7 +212,8 @@ pub fn pack_to_file(
         }
     };
     let tmp = dir.join(sibling_temp_name(name.as_bytes(), "tmp"));
-    let file = OpenOptions::new()
+    // Private (0600): the spool holds the layer's data.
+    let file = crate::sys::private::file_options()
         .write(true)
         .create_new(true)
         .open(&tmp)

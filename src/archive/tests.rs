@@ -1005,3 +1005,104 @@ fn large_files_stream_with_bounded_buffers() {
     let b = Sha256::digest(fs::read(dst.join("big")).unwrap());
     assert_eq!(a, b);
 }
+
+/// Every restore path writes the staging tree back before it takes the target's name, and
+/// writes the name back before returning (absent target: rename; empty target: exchange).
+#[test]
+fn restores_are_durable_before_they_are_swapped_in() {
+    use super::extract::durability::{self, Op};
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), b"data").unwrap();
+    let (spool, stats) = pack(&src, t.path(), 1);
+    let opts = UnpackOptions::default();
+    type Restore<'a> = Box<dyn Fn(&Path) -> Result<UnpackStats> + 'a>;
+    let paths: Vec<(&str, Restore<'_>)> = vec![
+        (
+            "unpack_file",
+            Box::new(|dst: &Path| unpack_file(&spool, &stats.digest, dst, &opts, None)),
+        ),
+        (
+            "unpack_reader",
+            Box::new(|dst: &Path| {
+                let name = spool.as_path();
+                let f = File::open(name).unwrap();
+                let size = stats.compressed_size;
+                unpack_reader(f, name, size, &stats.digest, dst, &opts, None)
+            }),
+        ),
+        (
+            "copy_tree",
+            Box::new(|dst: &Path| copy_tree(&src, dst, &opts)),
+        ),
+    ];
+    for (what, restore) in &paths {
+        for existing_empty in [false, true] {
+            let dst = t.path().join(format!("{what}-{existing_empty}"));
+            if existing_empty {
+                fs::create_dir(&dst).unwrap();
+            }
+            durability::take();
+            restore(&dst).unwrap();
+            assert_eq!(
+                durability::take(),
+                [Op::SyncStagingTree, Op::Swap, Op::SyncParent],
+                "{what}, target existed: {existing_empty}"
+            );
+            assert_eq!(fs::read(dst.join("d/f")).unwrap(), b"data");
+        }
+    }
+    // A refused restore neither syncs nor swaps anything.
+    durability::take();
+    let bad = "0".repeat(64);
+    unpack_file(&spool, &bad, &t.path().join("bad"), &opts, None).unwrap_err();
+    assert_eq!(durability::take(), []);
+    assert_no_staging(t.path());
+}
+
+/// The staging dir is private (0700) while the tree is extracted into it, whatever the umask,
+/// and gets the archived root's mode only when it is complete.
+#[test]
+fn restore_staging_is_private_until_finished() {
+    use crate::sys::private::testing::{for_each_umask, mode_of};
+    use std::sync::Mutex;
+    for_each_umask(|mask| {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        // Incompressible and above the 4 MiB progress step, so progress fires mid-restore.
+        let mut data = vec![0u8; 6 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for b in &mut data {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        fs::write(src.join("big"), &data).unwrap();
+        chmod(&src.join("big"), 0o640);
+        chmod(&src, 0o751);
+        let (spool, stats) = pack(&src, t.path(), 1);
+        let parent = t.path().join("restore");
+        fs::create_dir(&parent).unwrap();
+        let seen = Mutex::new(Vec::new());
+        let progress = |_: u64| {
+            for e in fs::read_dir(&parent).unwrap() {
+                let p = e.unwrap().path();
+                seen.lock().unwrap().push(mode_of(&p));
+            }
+        };
+        let dst = parent.join("upper");
+        unpack_file(&spool, &stats.digest, &dst, &root_opts(), Some(&progress)).unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert!(!seen.is_empty(), "progress never saw the staging dir");
+        let octal: Vec<String> = seen.iter().map(|m| format!("{m:04o}")).collect();
+        assert!(
+            seen.iter().all(|m| *m == 0o700),
+            "umask {mask:03o}: {octal:?}"
+        );
+        assert_eq!(mode_of(&dst), 0o751);
+        assert_eq!(mode_of(&dst.join("big")), 0o640);
+    });
+}

@@ -99,7 +99,14 @@ fn exit_code_for(e: &anyhow::Error) -> u8 {
         ) || cause
             .downcast_ref::<StoreError>()
             .or_else(|| cause.downcast_ref::<Box<StoreError>>().map(|b| &**b))
-            .is_some_and(|e| matches!(e, StoreError::Config { .. } | StoreError::ReadSecret { .. }))
+            .is_some_and(|e| {
+                matches!(
+                    e,
+                    StoreError::Config { .. }
+                        | StoreError::ReadSecret { .. }
+                        | StoreError::SecretFileTooOpen { .. }
+                )
+            })
     });
     if config { exit::CONFIG } else { exit::FAILURE }
 }
@@ -180,6 +187,13 @@ mod tests {
             reason: "x".into(),
         })))
         .context("cannot open the layer store");
+        assert_eq!(exit_code_for(&e), exit::CONFIG);
+        let e = anyhow::Error::new(LayerError::OpenStore(Box::new(
+            StoreError::SecretFileTooOpen {
+                path: "/etc/zlayer/s3-secret".into(),
+                mode: 0o644,
+            },
+        )));
         assert_eq!(exit_code_for(&e), exit::CONFIG);
         let e = anyhow::Error::new(std::io::Error::other("boom")).context("sync");
         assert_eq!(exit_code_for(&e), exit::FAILURE);

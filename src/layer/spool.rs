@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{LayerError, Result, io};
 use super::manifest::ArchiveFormat;
 use super::types::{ContainerLayerId, LayerSnapshot};
+use crate::sys::private;
 
 const INTENT_SUFFIX: &str = ".intent.json";
 const BLOB_SUFFIX: &str = ".tar.zst";
@@ -51,13 +52,16 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Creates `tmp/`, `ready/` and `locks/` under `root`.
+    /// Creates `tmp/`, `ready/` and `locks/` under `root`, private (0700): spools and restore
+    /// downloads hold layer data. The three are ours alone and are tightened if they already
+    /// existed; `root` is only given 0700 when it is created here (it may be shared).
     pub fn open(root: &Path) -> Result<Self> {
         let tmp = root.join("tmp");
         let ready = root.join("ready");
         let locks = root.join("locks");
+        private::create_dir_all(root).map_err(io(root))?;
         for dir in [&tmp, &ready, &locks] {
-            std::fs::create_dir_all(dir).map_err(io(dir.clone()))?;
+            private::create_own_dir(dir).map_err(io(dir))?;
         }
         Ok(Self { tmp, ready, locks })
     }
@@ -201,7 +205,7 @@ impl Staging {
     /// Blocking: call from `spawn_blocking`.
     pub fn lock_identity(&self, id: &ContainerLayerId, wait: bool) -> Result<Option<IdentityLock>> {
         let path = self.locks.join(format!("{}{LOCK_SUFFIX}", id.to_key()));
-        let file = std::fs::OpenOptions::new()
+        let file = private::file_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -238,7 +242,7 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
 /// Write to a temp file, fsync, rename over `path`, fsync the directory.
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
+    let mut f = private::create(&tmp).map_err(io(&tmp))?;
     f.write_all(data).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     drop(f);
@@ -308,6 +312,51 @@ mod tests {
         st.finish(&id, "abc").unwrap();
         assert!(st.pending().unwrap().is_empty());
         assert!(!blob.exists());
+    }
+
+    #[test]
+    fn staging_dirs_spools_intents_and_locks_are_private_under_any_umask() {
+        use crate::sys::private::testing::{assert_private, for_each_umask};
+        use std::os::unix::fs::PermissionsExt;
+        for_each_umask(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("staging");
+            let st = Staging::open(&root).unwrap();
+            assert_private(&root);
+            // Subdirs left world-readable by an older version are tightened on open.
+            std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            let st = {
+                drop(st);
+                Staging::open(&root).unwrap()
+            };
+            let upper = dir.path().join("upper");
+            std::fs::create_dir(&upper).unwrap();
+            std::fs::write(upper.join("secret"), b"s3cr3t").unwrap();
+            let spool = st.temp_path("pack");
+            let stats = crate::archive::pack_to_file(
+                &upper,
+                &spool,
+                &crate::archive::PackOptions::default(),
+                None,
+            )
+            .unwrap();
+            assert_private(&spool);
+            let id = ContainerLayerId::new("s", "i");
+            let blob = st.commit(&spool, &intent(&id, &stats.digest)).unwrap();
+            let _lock = st.lock_identity(&id, true).unwrap().unwrap();
+            for p in [
+                root.clone(),
+                root.join("tmp"),
+                root.join("ready"),
+                root.join("locks"),
+                blob,
+                st.intent_path(&id, &stats.digest),
+                st.locks.join(format!("{}{LOCK_SUFFIX}", id.to_key())),
+            ] {
+                assert_private(&p);
+            }
+        });
     }
 
     #[test]

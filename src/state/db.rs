@@ -12,6 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
 use super::{Result, StateError};
+use crate::sys::private;
 
 /// How long a statement waits for another process holding the write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,11 +49,12 @@ impl Database {
     /// newer than `migrations` or whose applied steps carry other names.
     pub fn open(path: &Path, migrations: &'static [Migration]) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
+            private::create_dir_all(dir).map_err(|source| StateError::CreateDir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
+        make_private(path)?;
         let mut conn = Connection::open(path).map_err(|source| StateError::Open {
             path: path.to_path_buf(),
             source,
@@ -147,6 +149,32 @@ impl Database {
                 source,
             })?
     }
+}
+
+/// Creates the database file 0600 before SQLite opens it (SQLite gives `-wal`, `-shm` and
+/// `-journal` the main file's mode) and tightens existing files, including a leftover WAL.
+fn make_private(path: &Path) -> Result<()> {
+    let err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| StateError::Permissions { path: p, source }
+    };
+    private::file_options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(err(path))?;
+    private::restrict(path, private::FILE_MODE).map_err(err(path))?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        match private::restrict(&side, private::FILE_MODE) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.map_err(err(&side))?,
+        }
+    }
+    Ok(())
 }
 
 /// Durability first: resume state must survive power loss, so WAL with `synchronous=FULL`.
@@ -318,6 +346,40 @@ mod tests {
         assert_eq!(mode, "wal");
         assert_eq!(sync, 2, "synchronous=FULL");
         assert_eq!(fk, 1);
+    }
+
+    fn side(path: &Path, suffix: &str) -> PathBuf {
+        let mut s = path.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
+    }
+
+    #[test]
+    fn database_wal_and_shm_are_private_under_any_umask() {
+        use crate::sys::private::testing::{assert_private, for_each_umask};
+        use std::os::unix::fs::PermissionsExt;
+        for_each_umask(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state/db.sqlite");
+            let db = Database::open(&path, V1).unwrap();
+            db.call_blocking("insert", |c| c.execute("INSERT INTO t (x) VALUES (1)", []))
+                .unwrap();
+            for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+                assert_private(&p);
+            }
+            assert_private(&dir.path().join("state"));
+            drop(db);
+            // A file left readable by an older version is tightened on open, and its WAL
+            // follows the main file's mode.
+            let open = std::fs::Permissions::from_mode(0o644);
+            std::fs::set_permissions(&path, open).unwrap();
+            let db = Database::open(&path, V1).unwrap();
+            db.call_blocking("insert", |c| c.execute("INSERT INTO t (x) VALUES (2)", []))
+                .unwrap();
+            for p in [path.clone(), side(&path, "-wal"), side(&path, "-shm")] {
+                assert_private(&p);
+            }
+        });
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot create or restrict (0600) state database file {path}")]
+    Permissions {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open state database {path}")]
     Open {
         path: PathBuf,

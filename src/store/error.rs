@@ -20,6 +20,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The secret access key file can be read by group or others.
+    #[error(
+        "secret access key file {path} has mode {mode:04o}: it must not be readable by group or \
+         others (chmod 600 it)"
+    )]
+    SecretFileTooOpen { path: PathBuf, mode: u32 },
     /// A local filesystem operation failed (local store, spool files, download targets).
     #[error("cannot {op} {path}")]
     Io {

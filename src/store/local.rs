@@ -6,7 +6,7 @@
 //! (Linux maps `flock` to POSIX locks on NFS). Names starting with `.zlayer-` are reserved for
 //! temp and lock files and never listed.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -19,6 +19,7 @@ use super::{
     UploadReport, normalize_prefix, validate_key,
 };
 use crate::config::LayerStorageConfig;
+use crate::sys::private;
 
 /// Names with this prefix belong to the store itself.
 pub(crate) const RESERVED_PREFIX: &str = ".zlayer-";
@@ -42,7 +43,7 @@ impl LocalStore {
     pub fn new(root: &Path, prefix: &str) -> Result<Self> {
         let prefix = normalize_prefix(prefix)?;
         let base = root.join(prefix.trim_end_matches('/'));
-        std::fs::create_dir_all(&base).map_err(io_err("create store directory", &base))?;
+        private::create_dir_all(&base).map_err(io_err("create store directory", &base))?;
         Ok(Self { base })
     }
 
@@ -93,7 +94,7 @@ fn fsync_dir(dir: &Path) -> Result<()> {
 /// Exclusive lock on the directory's lock file; released when dropped.
 fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_NAME);
-    let f = OpenOptions::new()
+    let f = private::file_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -107,7 +108,11 @@ fn lock_dir(dir: &Path) -> Result<File> {
 fn create_temp(dir: &Path) -> Result<(PathBuf, File)> {
     loop {
         let path = dir.join(crate::util::unique_temp_name(TMP_PREFIX.as_bytes(), "put"));
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
+        match private::file_options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
             Ok(f) => return Ok((path, f)),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io_err("create temp file", &path)(e)),
@@ -164,7 +169,7 @@ fn copy_synced(
 /// Writes `data` to a synced temp file next to `path` and moves it into place under `cond`.
 fn put_sync(path: &Path, data: &[u8], cond: &PutCondition) -> Result<PutOutcome> {
     let dir = parent_of(path);
-    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    private::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let (tmp, mut f) = create_temp(dir)?;
     let written = f
         .write_all(data)
@@ -231,12 +236,14 @@ fn upload_sync(src: &Path, dest: &Path, progress: Option<&Progress>) -> Result<U
         Err(e) => return Err(io_err("stat", dest)(e)),
     }
     let dir = parent_of(dest);
-    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    private::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let (tmp, f) = create_temp(dir)?;
     drop(f);
-    // Same filesystem: share the spool's inode instead of copying it.
+    // Same filesystem: share the spool's inode instead of copying it (made private: a spool
+    // written by an older version may be readable by others).
     let staged = match std::fs::remove_file(&tmp).and_then(|()| std::fs::hard_link(src, &tmp)) {
-        Ok(()) => File::open(&tmp)
+        Ok(()) => private::restrict(&tmp, private::FILE_MODE)
+            .and_then(|()| File::open(&tmp))
             .and_then(|f| f.sync_all())
             .map_err(io_err("fsync", &tmp))
             .map(|()| {
@@ -245,7 +252,7 @@ fn upload_sync(src: &Path, dest: &Path, progress: Option<&Progress>) -> Result<U
                 }
                 size
             }),
-        Err(_) => OpenOptions::new()
+        Err(_) => private::file_options()
             .write(true)
             .create_new(true)
             .open(&tmp)
@@ -373,7 +380,7 @@ impl ObjectStore for LocalStore {
                 Err(e) if is_absent(&e) => return Err(StoreError::NotFound { location }),
                 Err(e) => return Err(io_err("stat", &src)(e)),
             }
-            let out = File::create(&dest).map_err(io_err("create", &dest))?;
+            let out = private::create(&dest).map_err(io_err("create", &dest))?;
             copy_synced(&src, out, &dest, progress.as_ref())
         })
         .await
@@ -504,6 +511,52 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::new(dir.path(), "/layers/").unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn store_dirs_objects_temp_and_lock_files_are_private_under_any_umask() {
+        use crate::sys::private::testing::{assert_private, for_each_umask};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        for_each_umask(|_| {
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let s = LocalStore::new(&dir.path().join("root"), "layers/").unwrap();
+                s.put_bytes("ids/a/manifest.json", b"{}".to_vec(), PutCondition::None)
+                    .await
+                    .unwrap();
+                // A spool another process left readable still lands private.
+                let spool = dir.path().join("spool");
+                std::fs::write(&spool, b"layer").unwrap();
+                s.upload_file("blobs/d.tar.zst", &spool, &NoJournal, None)
+                    .await
+                    .unwrap();
+                let copy = dir.path().join("copy");
+                s.download_to_file("blobs/d.tar.zst", &copy, None)
+                    .await
+                    .unwrap();
+                // A temp file as the writers create it (the others are renamed away).
+                let (tmp, _f) = create_temp(s.base()).unwrap();
+                let base = s.base().to_path_buf();
+                for p in [
+                    dir.path().join("root"),
+                    base.clone(),
+                    base.join("ids"),
+                    base.join("ids/a"),
+                    base.join("ids/a/manifest.json"),
+                    base.join("ids/a").join(LOCK_NAME),
+                    base.join("blobs"),
+                    base.join("blobs/d.tar.zst"),
+                    tmp,
+                    copy,
+                ] {
+                    assert_private(&p);
+                }
+            });
+        });
     }
 
     fn no_temp_files(dir: &Path) -> bool {

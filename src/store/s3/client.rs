@@ -34,19 +34,8 @@ impl S3Store {
         let prefix = normalize_prefix(&cfg.prefix)?;
         let creds = match (&cfg.access_key_id, &cfg.secret_access_key_file) {
             (Some(id), Some(file)) => {
-                let secret = tokio::fs::read_to_string(file).await.map_err(|source| {
-                    StoreError::ReadSecret {
-                        path: file.clone(),
-                        source,
-                    }
-                })?;
-                Some(Credentials::new(
-                    id,
-                    secret.trim(),
-                    None,
-                    None,
-                    "zlayer-config",
-                ))
+                let secret = super::secret::read_secret_file(file).await?;
+                Some(Credentials::new(id, secret, None, None, "zlayer-config"))
             }
             (Some(_), None) => {
                 return Err(config_err(

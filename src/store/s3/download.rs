@@ -18,6 +18,18 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Store
     move |source| StoreError::Io { op, path, source }
 }
 
+/// Creates (or truncates) a download target; private (0600): it holds layer data.
+async fn create_private(dest: &Path) -> Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(crate::sys::private::FILE_MODE)
+        .open(dest)
+        .await
+        .map_err(io_err("create", dest))
+}
+
 pub(super) async fn download(
     store: &S3Store,
     key: &str,
@@ -26,9 +38,7 @@ pub(super) async fn download(
 ) -> Result<u64> {
     let full = store.full_key(key)?;
     let location = store.location(&full);
-    let file = tokio::fs::File::create(dest)
-        .await
-        .map_err(io_err("create", dest))?;
+    let file = create_private(dest).await?;
     let mut out = BufWriter::with_capacity(WRITE_BUF, file);
     let mut written = 0u64;
     let mut expected: Option<u64> = None;
@@ -354,9 +364,7 @@ pub(super) async fn download_ranged(
         .content_length()
         .and_then(|n| u64::try_from(n).ok())
         .unwrap_or(0);
-    let file = tokio::fs::File::create(dest)
-        .await
-        .map_err(io_err("create", dest))?;
+    let file = create_private(dest).await?;
     file.set_len(size).await.map_err(io_err("truncate", dest))?;
     let file = file.into_std().await;
     if size == 0 {
@@ -395,6 +403,20 @@ pub(super) async fn download_ranged(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn download_targets_are_created_private_under_any_umask() {
+        use crate::sys::private::testing::{assert_private, for_each_umask};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for_each_umask(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let dest = dir.path().join("restore.tar.zst");
+            rt.block_on(create_private(&dest)).unwrap();
+            assert_private(&dest);
+        });
+    }
 
     #[test]
     fn tracker_reports_only_the_contiguous_prefix() {

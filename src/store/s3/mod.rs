@@ -27,6 +27,7 @@ mod client;
 mod download;
 mod object_store;
 mod probe;
+mod secret;
 mod stream;
 mod upload;
 
