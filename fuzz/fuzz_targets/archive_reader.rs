@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 #[path = "../../src/archive/mod.rs"]
 mod archive;
 // The archive module's one crate-internal dependency (a leaf, std only).
-#[path = "../../src/util.rs"]
+#[path = "../../src/util/mod.rs"]
 #[allow(dead_code)]
 mod util;
 

@@ -213,7 +213,7 @@ pub fn pack_to_file(
     };
     let tmp = dir.join(sibling_temp_name(name.as_bytes(), "tmp"));
     // Private (0600): the spool holds the layer's data.
-    let file = crate::sys::private::file_options()
+    let file = crate::util::private::file_options()
         .write(true)
         .create_new(true)
         .open(&tmp)

@@ -1065,7 +1065,7 @@ fn restores_are_durable_before_they_are_swapped_in() {
 /// and gets the archived root's mode only when it is complete.
 #[test]
 fn restore_staging_is_private_until_finished() {
-    use crate::sys::private::testing::{for_each_umask, mode_of};
+    use crate::util::private::testing::{for_each_umask, mode_of};
     use std::sync::Mutex;
     for_each_umask(|mask| {
         let t = tempfile::tempdir().unwrap();

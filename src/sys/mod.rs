@@ -1,4 +1,5 @@
 //! Host probes and syscall seams, kept apart so the logic that uses them is testable without root.
 
 pub mod overlay;
-pub mod private;
+/// Private (0600/0700) files and directories; lives in the leaf `util` so `archive` can use it.
+pub use crate::util::private;

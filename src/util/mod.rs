@@ -1,5 +1,7 @@
 //! Small helpers shared by several folders. A leaf module: std only.
 
+pub mod private;
+
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::{AtomicU64, Ordering};
