@@ -11,9 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use zlayer_storage::proto::snapshots as pb;
 use zlayer_storage::proto::snapshots::snapshots_client::SnapshotsClient;
 
@@ -215,20 +214,7 @@ impl Daemon {
     }
 
     async fn client(&self) -> SnapshotsClient<Channel> {
-        let socket = self.socket.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        SnapshotsClient::new(channel)
+        crate::util::containerd::snapshots_client(&self.socket).await
     }
 }
 
