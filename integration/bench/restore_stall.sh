@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Benchmark: start latency of an unrelated container (containerd's own overlayfs) while a large
-# layer restores for another container through zlayer, vs idle. A restore that runs inside
-# containerd's metadata transaction stalls every other container start on the node.
+# Benchmark: start latency of unrelated containers (containerd's own overlayfs, and zlayer without
+# identity) while a large layer restores for another container through zlayer, vs idle. A restore
+# inside Prepare holds zlayer's metadata lock in containerd (shared): containerd's GC of zlayer
+# snapshots waits for it, and every zlayer Prepare waits behind that GC.
 #
 #   integration/bench/restore_stall.sh [SAMPLES]     SAMPLES = runs idle and during (default 5)
 #   SIZE_MB=1024 PART_SIZE_MB=64 RESTORE_TIMEOUT=900 GARAGE_BIN=... ZLAYER_BIN=... (optional)
 #
 # The layer (SIZE_MB of /dev/urandom, incompressible) is stored with `zlayer-storage sync`, so the
-# restore is a download from Garage on loopback. A sample counts as "during" only when the
-# restore was running when it started and when it ended (a restore spool in the staging dir, no
-# "layer restored" log line yet, the restoring container not started).
+# restore is a download from Garage on loopback. A sample counts as "during" when the restore was
+# running when it started (a restore spool in the staging dir, no "layer restored" log line yet,
+# the restoring container not started); whether it still ran at each sample's end is reported.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -46,19 +47,23 @@ t0=$(now_ns)
 log "stored $SIZE_MB MiB as stall/0 in $(( ($(now_ns) - t0) / 1000000 )) ms"
 rm -rf "$layer"
 
-# unrelated NAME: one `ctr run --rm` on overlayfs; prints its wall time in ns.
+# unrelated SNAPSHOTTER NAME: one `ctr run --rm` without identity; prints its wall time in ns.
 unrelated() {
     local t0 t1
     t0=$(now_ns)
-    ctr_ run --rm --snapshotter overlayfs "$IMAGE_REF" "$1" /bin/true
+    ctr_ run --rm --snapshotter "$1" "$IMAGE_REF" "$2" /bin/true
     t1=$(now_ns)
     echo $(( t1 - t0 ))
 }
 median_ms() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {printf "%.1f", v[int((NR+1)/2)] / 1e6}'; }
 
-unrelated warm >/dev/null
-idle=()
-for (( i=0; i<SAMPLES; i++ )); do idle+=("$(unrelated "idle-$i")"); done
+unrelated overlayfs warm-o >/dev/null
+unrelated zlayer warm-z >/dev/null
+idle_o=(); idle_z=()
+for (( i=0; i<SAMPLES; i++ )); do
+    idle_o+=("$(unrelated overlayfs "idle-o-$i")")
+    idle_z+=("$(unrelated zlayer "idle-z-$i")")
+done
 
 out=$BENCH_DIR/out
 mkdir -p "$out"
@@ -74,15 +79,25 @@ BIG_PID=$!
 BENCH_PIDS+=("$BIG_PID")
 WAIT_PID=$BIG_PID wait_for 120 "the restore to start" restoring
 
-during=()
+during_o=(); during_z=()
 all_during=yes
-for (( i=0; i<SAMPLES; i++ )); do
-    before=no; after=no
+# sample SNAPSHOTTER NAME ARRAY: one sample, kept in ARRAY when the restore was running at its
+# start (a start the restore stalls ends only after it).
+sample() {
+    local before=no after=no ns
     restoring && before=yes
-    ns=$(unrelated "during-$i")
+    ns=$(unrelated "$1" "$2")
     restoring && after=yes
-    log "  sample $i: $(( ns / 1000000 )) ms (restore running at start: $before, at end: $after)"
-    if [[ $before == yes && $after == yes ]]; then during+=("$ns"); else all_during=no; fi
+    log "  $2: $(( ns / 1000000 )) ms (restore running at start: $before, at end: $after)"
+    [[ $after == yes ]] || all_during=no
+    if [[ $before == yes ]]; then
+        local -n into=$3
+        into+=("$ns")
+    fi
+}
+for (( i=0; i<SAMPLES; i++ )); do
+    sample overlayfs "during-o-$i" during_o
+    sample zlayer "during-z-$i" during_z
 done
 
 deadline=$(( $(date +%s) + RESTORE_TIMEOUT ))
@@ -94,18 +109,25 @@ wait "$BIG_PID" || die "ctr run of the restoring container failed: $(cat "$BENCH
 t_done=$(now_ns)
 [[ $(cut -d' ' -f1 "$out/sum") == "$big_sha" ]] || die "restored /big differs from the stored one"
 
-idle_ms=$(median_ms "${idle[@]}")
-printf 'unrelated ctr run --rm /bin/true on overlayfs, %d samples each; %d MiB layer restoring from Garage\n' \
+printf 'unrelated ctr run --rm /bin/true (no identity), %d samples each; %d MiB layer restoring from Garage\n' \
     "$SAMPLES" "$SIZE_MB"
-printf '  idle                 median %8s ms\n' "$idle_ms"
-if (( ${#during[@]} > 0 )); then
-    during_ms=$(median_ms "${during[@]}")
-    printf '  during the restore   median %8s ms  (%d samples)\n' "$during_ms" "${#during[@]}"
-    awk -v d="$during_ms" -v i="$idle_ms" 'BEGIN { printf "  ratio during/idle: %.2f\n", d / i }'
-else
-    printf '  during the restore   no sample ran entirely during the restore\n'
-fi
-printf '  restore running throughout every sample: %s%s\n' "$all_during" \
-    "$([[ $all_during == yes ]] || echo " (raise SIZE_MB)")"
+report() {
+    local name=$1 idle_name=$2 during_name=$3
+    local -n idle_ns=$idle_name during_ns=$during_name
+    local idle_ms during_ms
+    idle_ms=$(median_ms "${idle_ns[@]}")
+    printf '  %-9s idle median %8s ms' "$name" "$idle_ms"
+    if (( ${#during_ns[@]} > 0 )); then
+        during_ms=$(median_ms "${during_ns[@]}")
+        awk -v d="$during_ms" -v i="$idle_ms" -v n="${#during_ns[@]}" \
+            'BEGIN { printf "   during the restore median %8s ms (%d samples)   ratio %.2f\n", d, n, d / i }'
+    else
+        printf '   during the restore: no sample started during it\n'
+    fi
+}
+report overlayfs idle_o during_o
+report zlayer idle_z during_z
+printf '  restore still running at the end of every sample: %s%s\n' "$all_during" \
+    "$([[ $all_during == yes ]] || echo " (a stalled start, or raise SIZE_MB)")"
 printf '  restoring container done %.1f s after its ctr run (restore + sha256sum); content verified\n' \
     "$(awk -v n="$(( t_done - t_spawn ))" 'BEGIN { print n / 1e9 }')"
