@@ -12,8 +12,8 @@ use aws_sdk_s3::primitives::ByteStream;
 use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use zlayer_storage::layer::StateDb;
 use zlayer_storage::layer::types::{CompletedPart, PendingUpload};
-use zlayer_storage::state::StateDb;
 use zlayer_storage::store::{
     LocalStore, ObjectStore, Progress, PutCondition, PutOutcome, S3Store, StoreError,
     UploadJournal, UploadReport,

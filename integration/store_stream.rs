@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use zlayer_storage::layer::LayerSyncManager;
-use zlayer_storage::state::StateDb;
+use zlayer_storage::layer::StateDb;
 use zlayer_storage::store::{
     GrowingFile, ObjectInfo, ObjectStore, PrefixReady, Progress, PutCondition, PutOutcome, S3Store,
     SpoolFeed, StoreError, StreamedUpload, UploadJournal, UploadReport,

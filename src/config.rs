@@ -275,6 +275,30 @@ pub struct SnapshotterConfig {
     pub persist: PersistPolicy,
     /// Behaviour when a layer's recorded base differs from the new container's base.
     pub on_base_change: OnBaseChange,
+    /// How long Mounts waits for a container's layer to be restored before failing
+    /// (`Unavailable`; the restore goes on and a retried Mounts waits for the same one).
+    pub restore_timeout_secs: u64,
+    /// Ask containerd for container labels (`zlayer.id`, nerdctl names). `false` for
+    /// deployments that name identities only with snapshot labels: containerd is never asked,
+    /// so its reachability does not matter.
+    pub container_lookup: bool,
+}
+
+impl SnapshotterConfig {
+    /// Checks ranges and cross-field rules; names the offending key.
+    pub fn validate(&self) -> Result<()> {
+        if self.restore_timeout_secs == 0 {
+            return Err(invalid("restore_timeout_secs", 0, "must be at least 1"));
+        }
+        if !self.container_lookup && self.persist == PersistPolicy::Named {
+            return Err(invalid(
+                "container_lookup",
+                false,
+                "persist = \"named\" needs container names, which only containerd can tell",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SnapshotterConfig {
@@ -285,6 +309,8 @@ impl Default for SnapshotterConfig {
             containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
             persist: PersistPolicy::Labeled,
             on_base_change: OnBaseChange::Restore,
+            restore_timeout_secs: 600,
+            container_lookup: true,
         }
     }
 }
@@ -330,6 +356,7 @@ impl Config {
         };
         cfg.storage.apply_env(env)?;
         cfg.storage.validate()?;
+        cfg.snapshotter.validate()?;
         Ok(cfg)
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! - [`archive`]: overlay-exact, deterministic PAX+zstd archives of upper dirs, and safe extraction.
 //! - [`store`]: object stores (S3 with crash-resumable multipart uploads; a local directory).
-//! - [`state`]: the SQLite state database (sync state, pending uploads, parts).
-//! - [`layer`]: [`LayerSyncManager`], which syncs and restores a container identity's layer.
+//! - [`state`]: the SQLite database handle with versioned migrations (WAL, `synchronous=FULL`).
+//! - [`layer`]: [`LayerSyncManager`], which syncs and restores a container identity's layer, and
+//!   its journal in the state database ([`layer::StateDb`]).
 //! - [`snapshotter`]: the containerd proxy snapshotter.
 
 pub mod archive;
@@ -14,6 +15,11 @@ pub mod snapshotter;
 pub mod state;
 pub mod store;
 pub mod sys;
+mod types;
+mod util;
+
+#[cfg(test)]
+mod layout_tests;
 
 pub use config::{Config, LayerStorageConfig, SnapshotterConfig};
 pub use layer::LayerSyncManager;

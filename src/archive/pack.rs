@@ -179,16 +179,12 @@ impl Drop for TempGuard {
     }
 }
 
-/// A unique sibling name for temp files and staging dirs.
+/// A unique hidden sibling name (`.{name}.{tag}.…`) for temp files and staging dirs.
 pub fn sibling_temp_name(name: &[u8], tag: &str) -> std::ffi::OsString {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let short = &name[..name.len().min(120)];
-    let mut s = b".".to_vec();
-    s.extend_from_slice(short);
-    s.extend_from_slice(format!(".{tag}.{}.{n}", std::process::id()).as_bytes());
-    std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&s))
+    let mut hidden = Vec::with_capacity(name.len() + 1);
+    hidden.push(b'.');
+    hidden.extend_from_slice(name);
+    crate::util::unique_temp_name(&hidden, tag)
 }
 
 pub fn pack_to_file(

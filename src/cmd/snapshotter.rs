@@ -44,12 +44,12 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
     .await
     .context("snapshotter start-up task failed")?
     .with_context(|| format!("cannot create snapshotter root {}", root.display()))?;
-    let persistence = Arc::new(Persistence::new(
+    let persistence = Persistence::new(
         PersistOptions::from_config(&config.snapshotter, features),
         manager,
         Arc::new(ContainerdContainers::new(&containerd)),
         tokio::runtime::Handle::current(),
-    ));
+    );
 
     let open_root = root.clone();
     let hooks = Arc::clone(&persistence);
@@ -64,6 +64,8 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         userxattr = features.userxattr,
         persist = ?config.snapshotter.persist,
         on_base_change = ?config.snapshotter.on_base_change,
+        restore_timeout_secs = config.snapshotter.restore_timeout_secs,
+        container_lookup = config.snapshotter.container_lookup,
         containerd = %containerd.display(),
         store = %persistence.manager().store().describe(),
         "snapshotter ready"

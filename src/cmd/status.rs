@@ -3,6 +3,7 @@
 use anyhow::Context;
 use zlayer_storage::Config;
 use zlayer_storage::layer::LayerSyncManager;
+use zlayer_storage::snapshotter::persist::{NodeStatus, node_status};
 
 use super::{exit, print_json};
 use crate::cli::StatusArgs;
@@ -12,9 +13,22 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<u8> {
         .await
         .context("cannot open the layer store")?;
     let states = manager.status().await.context("cannot read sync state")?;
+    let root = config.snapshotter.root.clone();
+    let node = tokio::task::spawn_blocking(move || node_status(&root))
+        .await
+        .context("status task failed")?
+        .with_context(|| {
+            format!(
+                "cannot read the snapshotter state under {}",
+                config.snapshotter.root.display()
+            )
+        })?;
     if args.json {
-        print_json(&states)?;
+        print_json(&serde_json::json!({ "layers": states, "snapshotter": node }))?;
         return Ok(exit::OK);
+    }
+    if let Some(node) = &node {
+        print_node(node);
     }
     if states.is_empty() {
         println!("no layers synced or restored on this node");
@@ -44,4 +58,34 @@ pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<u8> {
         );
     }
     Ok(exit::OK)
+}
+
+/// Queued layers (with dead letters and their last error) and quarantined outbox entries.
+fn print_node(node: &NodeStatus) {
+    if !node.queued.is_empty() {
+        println!(
+            "queued layers of the snapshotter at {}:",
+            node.root.display()
+        );
+        for q in &node.queued {
+            let state = if q.dead { "DEAD LETTER" } else { "queued" };
+            println!(
+                "  {state:<11} {} seq {} (outbox {}, {}, {} attempts){}",
+                q.identity,
+                q.seq,
+                q.outbox_id,
+                q.location,
+                q.attempts,
+                q.last_error
+                    .as_deref()
+                    .map_or(String::new(), |e| format!(": {e}"))
+            );
+        }
+    }
+    for path in &node.quarantined {
+        println!(
+            "  QUARANTINED {} (outbox entry without a matching queued layer; inspect it, nothing was deleted)",
+            path.display()
+        );
+    }
 }

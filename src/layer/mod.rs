@@ -1,20 +1,31 @@
 //! Container layer identity and synchronisation: [`LayerSyncManager`] archives an upper dir,
 //! uploads it content-addressed, and keeps a per-identity manifest in the bucket so any node
-//! can restore the identity's current layer.
+//! can restore the identity's current layer. Its journal in the state database ([`StateDb`])
+//! keeps each identity's sync state and the multipart upload journal the stores resume from.
 
 mod error;
+mod journal;
 mod manager;
 pub mod manifest;
 mod options;
+mod recovery;
+mod restore;
 mod spool;
 mod stream;
+mod sync;
 #[cfg(test)]
 pub(crate) mod testenv;
 #[cfg(test)]
 mod tests;
-pub mod types;
+/// The shared types, at their original path (they live in the leaf module `crate::types`).
+pub mod types {
+    pub use crate::types::{
+        CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState,
+    };
+}
 
 pub use error::LayerError;
+pub use journal::{LAYER_MIGRATIONS, StateDb, SyncRecord};
 pub use manager::{LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, zstd_library_version};
 pub use manifest::{ArchiveFormat, LayerManifest, LayerMeta, ManifestEntry};
 pub use options::{

@@ -13,7 +13,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
@@ -49,7 +48,6 @@ pub struct Staging {
     tmp: PathBuf,
     ready: PathBuf,
     locks: PathBuf,
-    counter: AtomicU64,
 }
 
 impl Staging {
@@ -61,24 +59,14 @@ impl Staging {
         for dir in [&tmp, &ready, &locks] {
             std::fs::create_dir_all(dir).map_err(io(dir.clone()))?;
         }
-        Ok(Self {
-            tmp,
-            ready,
-            locks,
-            counter: AtomicU64::new(0),
-        })
+        Ok(Self { tmp, ready, locks })
     }
 
     /// A fresh, unique path for an archive being packed or downloaded.
     pub fn temp_path(&self, what: &str) -> PathBuf {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        self.tmp.join(format!(
-            "{what}-{}-{nanos}-{n}{BLOB_SUFFIX}",
-            std::process::id()
-        ))
+        let mut name = crate::util::unique_temp_name(what.as_bytes(), "spool");
+        name.push(BLOB_SUFFIX);
+        self.tmp.join(name)
     }
 
     /// Where a packed archive waits for publication (unique per identity and digest).

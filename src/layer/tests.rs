@@ -7,15 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use super::StateDb;
 use super::manifest::blob_key;
 use super::*;
 use crate::config::LayerStorageConfig;
 use crate::layer::types::ContainerLayerId;
-use crate::state::StateDb;
 use crate::store::{
     ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
     UploadReport,
 };
+use crate::util::error_chain;
 
 type StoreResult<T> = std::result::Result<T, StoreError>;
 
@@ -438,17 +439,6 @@ async fn corrupt_blob_fails_restore_naming_the_key_and_leaves_target_untouched()
     assert_no_spools(&env, "a");
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 #[tokio::test]
 async fn interrupted_sync_is_finished_by_resume_pending() {
     let env = Env::new();
@@ -620,13 +610,13 @@ fn restore_is_capped_at_the_declared_size() {
         seq: 1,
         base: None,
     };
-    let o = super::manager::restore_limits(&cfg, &entry, crate::archive::XattrNs::User);
+    let o = super::restore::restore_limits(&cfg, &entry, crate::archive::XattrNs::User);
     assert_eq!(o.max_uncompressed, 10_000_000);
     assert!(o.max_ratio > 10_000);
     assert_eq!(o.xattr_ns, crate::archive::XattrNs::User);
     assert!(!o.allow_devices);
     entry.size_bytes = cfg.max_restore_bytes + 1;
-    let o = super::manager::restore_limits(&cfg, &entry, crate::archive::XattrNs::Trusted);
+    let o = super::restore::restore_limits(&cfg, &entry, crate::archive::XattrNs::Trusted);
     assert_eq!(o.max_uncompressed, cfg.max_restore_bytes);
     assert_eq!(o.max_ratio, cfg.max_expansion_ratio);
 }

@@ -14,7 +14,7 @@ use chrono::Utc;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::Notify;
 
-use crate::state::Database;
+use crate::state::{Database, Migration};
 use crate::sys::overlay::OverlayFeatures;
 
 use super::error::{Result, SnapshotError};
@@ -75,8 +75,8 @@ impl Snapshotter {
                 .map_err(SnapshotError::io("set mode of", dir))?;
         }
         let lock = lock_root(root)?;
-        let db =
-            Database::open(&root.join("metadata.db"), MIGRATIONS).map_err(SnapshotError::State)?;
+        let db = Database::open(&root.join("metadata.db"), migrations_with(hooks.as_ref()))
+            .map_err(SnapshotError::State)?;
         let this = Self {
             root: root.to_path_buf(),
             snapshots,
@@ -381,6 +381,8 @@ impl Snapshotter {
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let rec = self.read("read usage", |c| meta::require(c, key))?;
         match rec.info.kind {
+            // No `fs` yet: a persistence hook is still restoring it; nothing is used so far.
+            Kind::Active if !self.fs_dir(rec.id).exists() => Ok(Usage::default()),
             Kind::Active => fsops::disk_usage(&self.fs_dir(rec.id)),
             Kind::Committed => Ok(rec.usage),
             Kind::View => Ok(Usage::default()),
@@ -511,6 +513,16 @@ impl Snapshotter {
             .call_blocking(op, |conn| Ok(f(conn)))
             .map_err(SnapshotError::State)?
     }
+}
+
+/// The core's schema steps followed by the hook's. Leaked once per open (a few pointers), since
+/// the database keeps the list for its lifetime.
+fn migrations_with(hooks: &dyn PersistenceHooks) -> &'static [Migration] {
+    let extra = hooks.migrations();
+    if extra.is_empty() {
+        return MIGRATIONS;
+    }
+    Box::leak([MIGRATIONS, extra].concat().into_boxed_slice())
 }
 
 fn validate_labels(key: &str, labels: &Labels) -> Result<()> {

@@ -75,8 +75,40 @@ pub enum SnapshotError {
     RootInUse { root: PathBuf },
     #[error("snapshotter task failed")]
     Join(#[source] tokio::task::JoinError),
+    /// A persistence hook's own error; the hook chose its gRPC code.
     #[error(transparent)]
-    Persist(Box<super::persist::PersistError>),
+    Hook(HookFailure),
+}
+
+/// An error a [`PersistenceHooks`](super::hooks::PersistenceHooks) implementation fails with.
+/// The core does not know the plug-in's error type; the plug-in says which code containerd
+/// should see.
+pub trait HookError: std::error::Error + Send + Sync + 'static {
+    /// The gRPC code containerd gets.
+    fn code(&self) -> tonic::Code;
+}
+
+/// A boxed [`HookError`], itself an error whose causes are the hook error's causes.
+#[derive(Debug)]
+pub struct HookFailure(pub Box<dyn HookError>);
+
+impl std::fmt::Display for HookFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for HookFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl SnapshotError {
+    /// Wraps a hook's error.
+    pub fn hook(e: impl HookError) -> Self {
+        Self::Hook(HookFailure(Box::new(e)))
+    }
 }
 
 /// Result type of the snapshotter module.
@@ -120,7 +152,7 @@ impl SnapshotError {
             | Self::RootInUse { .. }
             | Self::Corrupt { .. }
             | Self::Join(_) => Code::Internal,
-            Self::Persist(e) => e.code(),
+            Self::Hook(e) => e.0.code(),
         }
     }
 }
@@ -129,14 +161,7 @@ impl SnapshotError {
     /// The error and its causes on one line.
     #[must_use]
     pub fn full_message(&self) -> String {
-        let mut message = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        message
+        crate::util::error_chain(self)
     }
 }
 

@@ -4,9 +4,9 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::error::{Result, SnapshotError};
 use super::types::{Kind, Usage};
@@ -82,22 +82,25 @@ pub fn disk_usage(root: &Path) -> Result<Usage> {
 
 /// Moves `dir` into `trash` under a unique name; the sweeper deletes it later.
 pub fn move_to_trash(dir: &Path, trash: &Path) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let target = trash.join(format!(
-        "{name}-{}-{}-{n}",
-        std::process::id(),
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
-    ));
+    let name = dir.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    let target = trash.join(crate::util::unique_temp_name(name, "trash"));
     fs::rename(dir, &target).map_err(SnapshotError::io("move to trash", dir))
 }
 
-/// Deletes everything in `trash`; returns how many entries went.
+/// Deletes everything in `trash`; returns how many entries went. An entry that cannot be
+/// deleted is logged and skipped, so one stuck entry never keeps the rest on disk; the next
+/// sweep tries it again.
 pub fn empty_trash(trash: &Path) -> Result<usize> {
+    empty_trash_with(trash, |path| {
+        if path.is_dir() && !path.is_symlink() {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_file(path)
+        }
+    })
+}
+
+fn empty_trash_with(trash: &Path, remove: impl Fn(&Path) -> std::io::Result<()>) -> Result<usize> {
     let entries = match fs::read_dir(trash) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -108,15 +111,12 @@ pub fn empty_trash(trash: &Path) -> Result<usize> {
         let path = entry
             .map_err(SnapshotError::io("read directory", trash))?
             .path();
-        let result = if path.is_dir() && !path.is_symlink() {
-            fs::remove_dir_all(&path)
-        } else {
-            fs::remove_file(&path)
-        };
-        match result {
+        match remove(&path) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SnapshotError::io("delete", path)(e)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete a trash entry; skipping it");
+            }
         }
     }
     Ok(removed)
@@ -196,5 +196,28 @@ mod tests {
         assert_eq!(empty_trash(&trash).unwrap(), 3);
         assert_eq!(fs::read_dir(&trash).unwrap().count(), 0);
         assert_eq!(empty_trash(&d.path().join("missing")).unwrap(), 0);
+    }
+
+    #[test]
+    fn empty_trash_goes_on_past_an_entry_it_cannot_delete() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["a", "stuck", "z"] {
+            fs::create_dir(d.path().join(name)).unwrap();
+            fs::write(d.path().join(name).join("f"), b"x").unwrap();
+        }
+        let removed = empty_trash_with(d.path(), |p| {
+            if p.ends_with("stuck") {
+                Err(std::io::Error::from_raw_os_error(libc::EBUSY))
+            } else {
+                fs::remove_dir_all(p)
+            }
+        })
+        .unwrap();
+        assert_eq!(removed, 2);
+        let left: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("stuck")]);
     }
 }

@@ -6,8 +6,8 @@
 //!
 //! | Hook | Called | Lock | May block on S3? | Failure |
 //! |---|---|---|---|---|
-//! | [`on_prepare`](PersistenceHooks::on_prepare) | after a new Active/View is recorded and its directory is in place | none | yes (restore) | the snapshot is removed again and Prepare fails with the hook's error |
-//! | [`on_mounts`](PersistenceHooks::on_mounts) | on every Mounts of an Active/View, before replying | none | yes (first Mounts after a reboot or on a new node restores here) | Mounts fails with the hook's error |
+//! | [`on_prepare`](PersistenceHooks::on_prepare) | after a new Active/View is recorded and its directory is in place | none of ours, but containerd 1.6/1.7 call Prepare inside their metadata write transaction | **no**: record, then start slow work in the background | the snapshot is removed again and Prepare fails with the hook's error |
+//! | [`on_mounts`](PersistenceHooks::on_mounts) | on every Mounts of an Active/View, before replying | none (containerd holds no lock) | yes: waits for the restore the Prepare started, or restores after a restart | Mounts fails with the hook's error |
 //! | [`on_commit`](PersistenceHooks::on_commit) | inside the metadata transaction, after usage is measured, before it commits | metadata | **no**: containerd holds its own write transaction | the commit is rolled back |
 //! | [`on_remove`](PersistenceHooks::on_remove) | inside the metadata transaction, before the record's deletion commits | metadata | **no**: containerd's GC lock is held | the record stays; the error is returned |
 //! | [`on_open`](PersistenceHooks::on_open) | once at start, after the database is open, before directories are reconciled | none (nothing else runs) | no | the snapshotter does not open |
@@ -19,13 +19,17 @@
 //!
 //! `on_remove` decides where the directory goes: [`RemoveDisposition::Trash`] (the core moves it
 //! to `trash/` and deletes it in the background) or [`RemoveDisposition::Claimed`], meaning the
-//! hook has already moved `snapshot_dir` out of `snapshots/` (a rename into a durable outbox on
-//! the same filesystem) and recorded that durably; the core then only deletes the record. If
-//! the process dies between the hook's rename and the deletion's commit, the record survives
-//! without its directory; start-up recreates an empty layout for it (as for any Active/View
-//! whose directory was lost), and containerd's next GC calls Remove again. An implementation
-//! must therefore recognise a key that is already in its outbox and answer `Trash` for the
-//! empty directory, never treat it as newer state.
+//! hook has already moved `snapshot_dir` out of `snapshots/` (for example a rename into an
+//! outbox on the same filesystem); the core then only deletes the record, in the same
+//! transaction as the hook's own rows. The crash contract is the hook's: if the process dies
+//! after the hook's rename but before that transaction commits, the record and the hook's rows
+//! roll back while the directory has moved. [`on_open`](PersistenceHooks::on_open) runs before
+//! the core reconciles directories, so a hook that claims directories must repair that case
+//! there (move the directory back), or the core would recreate an empty layout for the record.
+//!
+//! A hook may also leave an Active snapshot's `fs` absent for a while (moved aside until a
+//! restore fills it): its mounts then fail to mount instead of showing an incomplete upper,
+//! and Usage reports zero.
 //!
 //! Hooks are synchronous and run on the blocking pool; an implementation that needs async
 //! I/O can use `tokio::runtime::Handle::block_on` from there. Returning
@@ -38,7 +42,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use crate::state::Database;
+use crate::state::{Database, Migration};
 
 use super::error::Result;
 use super::key::BackendKey;
@@ -120,6 +124,12 @@ pub struct OpenContext<'a> {
 
 /// Persistence callbacks; every method defaults to "do nothing", the plain overlay behaviour.
 pub trait PersistenceHooks: Send + Sync + Debug {
+    /// Schema steps for the hook's own tables in the metadata database, applied after the
+    /// core's. Append only, like the core's.
+    fn migrations(&self) -> &'static [Migration] {
+        &[]
+    }
+
     /// The snapshotter is opening; reconcile the hook's own state with the directories here,
     /// before the core trashes directories no record references.
     fn on_open(&self, ctx: &OpenContext<'_>) -> Result<()> {
@@ -127,13 +137,15 @@ pub trait PersistenceHooks: Send + Sync + Debug {
         Ok(())
     }
 
-    /// A snapshot was created; restore its upper dir here if its identity is already known.
+    /// A snapshot was created. containerd may hold its metadata transaction: record what is
+    /// needed and start slow work (a restore) in the background; never wait for a store.
     fn on_prepare(&self, event: &SnapshotEvent<'_>) -> Result<()> {
         let _ = event;
         Ok(())
     }
 
-    /// Mounts is about to return; make sure the upper dir is complete before it does.
+    /// Mounts is about to return; make sure the upper dir is complete before it does (wait for
+    /// the restore, bounded), or fail.
     fn on_mounts(&self, event: &SnapshotEvent<'_>) -> Result<()> {
         let _ = event;
         Ok(())

@@ -12,11 +12,11 @@ use crate::state::Migration;
 use super::error::{Result, SnapshotError};
 use super::types::{Info, Kind, Labels, Usage};
 
-/// Schema of the snapshotter's metadata database. Append only.
-pub static MIGRATIONS: &[Migration] = &[
-    Migration {
-        name: "snapshotter: snapshots",
-        sql: "CREATE TABLE snapshots (
+/// Schema of the snapshotter's own tables. Append only; a persistence hook's steps
+/// ([`PersistenceHooks::migrations`](super::hooks::PersistenceHooks::migrations)) follow them.
+pub static MIGRATIONS: &[Migration] = &[Migration {
+    name: "snapshotter: snapshots",
+    sql: "CREATE TABLE snapshots (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             key TEXT NOT NULL UNIQUE,
             parent TEXT NOT NULL DEFAULT '',
@@ -28,12 +28,7 @@ pub static MIGRATIONS: &[Migration] = &[
             inodes INTEGER NOT NULL DEFAULT 0
           );
           CREATE INDEX snapshots_parent ON snapshots (parent);",
-    },
-    Migration {
-        name: "snapshotter: persistence",
-        sql: super::persist::SCHEMA,
-    },
-];
+}];
 
 /// A stored snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -81,6 +81,31 @@ impl Database {
             })?
     }
 
+    /// [`Database::open`] through the SQLite VFS `vfs` (tests: a power-cut simulation), with
+    /// the same pragmas and migrations; the directory must exist.
+    #[cfg(test)]
+    pub(crate) fn open_with_vfs(
+        path: &Path,
+        migrations: &'static [Migration],
+        vfs: &str,
+    ) -> Result<Self> {
+        let open_err = |source| StateError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn =
+            Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs)
+                .map_err(open_err)?;
+        configure(&conn).map_err(open_err)?;
+        migrate(&mut conn, path, migrations)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                conn: Mutex::new(conn),
+            }),
+        })
+    }
+
     /// The database file.
     #[must_use]
     pub fn path(&self) -> &Path {

@@ -1,16 +1,15 @@
-//! SQLite state: sync state per identity, the multipart upload journal, and a reusable
-//! [`Database`] with versioned migrations for other modules' own databases.
-//!
-//! Every change that resume depends on is committed (WAL, `synchronous=FULL`) before the action
-//! it describes is started, so a crash or power loss leaves a journal that is never behind S3.
+//! SQLite state: a [`Database`] handle with versioned [`Migration`]s, opened in WAL mode with
+//! `synchronous=FULL` so a committed transaction survives power loss. It knows no schema of its
+//! own: each user brings its tables (the layer journal in `crate::layer`, the snapshotter's
+//! metadata) as migrations.
 
 mod db;
-mod layer;
+#[cfg(test)]
+pub(crate) mod powercut;
 
 use std::path::PathBuf;
 
 pub use db::{Database, Migration};
-pub use layer::{LAYER_MIGRATIONS, StateDb, SyncRecord};
 
 /// Errors of the state databases; each names the database file.
 #[derive(Debug, thiserror::Error)]

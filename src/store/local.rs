@@ -9,7 +9,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -26,8 +25,6 @@ pub(crate) const RESERVED_PREFIX: &str = ".zlayer-";
 const TMP_PREFIX: &str = ".zlayer-tmp-";
 const LOCK_NAME: &str = ".zlayer-lock";
 const COPY_BUF: usize = 1024 * 1024;
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Object store in a local (or NFS) directory.
 #[derive(Debug, Clone)]
@@ -109,16 +106,7 @@ fn lock_dir(dir: &Path) -> Result<File> {
 /// Creates a fresh temp file in `dir`.
 fn create_temp(dir: &Path) -> Result<(PathBuf, File)> {
     loop {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let name = format!(
-            "{TMP_PREFIX}{}-{}-{nanos}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = dir.join(name);
+        let path = dir.join(crate::util::unique_temp_name(TMP_PREFIX.as_bytes(), "put"));
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(f) => return Ok((path, f)),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
@@ -482,6 +470,7 @@ impl ObjectStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
 
@@ -489,17 +478,17 @@ mod tests {
 
     #[async_trait::async_trait]
     impl UploadJournal for NoJournal {
-        async fn load_upload(&self, _: &str) -> Result<Option<crate::layer::types::PendingUpload>> {
+        async fn load_upload(&self, _: &str) -> Result<Option<crate::types::PendingUpload>> {
             Ok(None)
         }
-        async fn begin_upload(&self, _: &crate::layer::types::PendingUpload) -> Result<()> {
+        async fn begin_upload(&self, _: &crate::types::PendingUpload) -> Result<()> {
             Ok(())
         }
         async fn record_part(
             &self,
             _: &str,
             _: &str,
-            _: &crate::layer::types::CompletedPart,
+            _: &crate::types::CompletedPart,
         ) -> Result<()> {
             Ok(())
         }

@@ -20,7 +20,7 @@ pub use local::LocalStore;
 pub use s3::S3Store;
 
 use crate::config::{BackendKind, LayerStorageConfig};
-use crate::layer::types::{CompletedPart, PendingUpload};
+use crate::types::{CompletedPart, PendingUpload};
 use error::Result;
 
 /// Called with the number of bytes transferred since the previous call.

@@ -17,9 +17,33 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::error::{PersistError, Result};
 use crate::layer::types::ContainerLayerId;
+use crate::state::Migration;
 
-/// Schema step appended to the snapshotter's migrations.
-pub const SCHEMA: &str = "
+/// Schema steps appended to the snapshotter's migrations (through
+/// [`PersistenceHooks::migrations`](crate::snapshotter::hooks::PersistenceHooks::migrations)).
+/// Append only: the names are recorded in every database.
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        name: "snapshotter: persistence",
+        sql: SCHEMA_V1,
+    },
+    Migration {
+        name: "snapshotter: persistence, background restores and dead letters",
+        sql: SCHEMA_V2,
+    },
+];
+
+/// `want_*`: the identity a snapshot asks for (snapshot label at Prepare, container label at
+/// Mounts) before the background restore has claimed it; `dead`/`next_attempt_ns`: the upload
+/// worker's retry schedule and dead-letter state.
+const SCHEMA_V2: &str = "
+ALTER TABLE persist_snapshots ADD COLUMN want_service TEXT;
+ALTER TABLE persist_snapshots ADD COLUMN want_instance TEXT;
+ALTER TABLE persist_outbox ADD COLUMN next_attempt_ns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE persist_outbox ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;
+";
+
+const SCHEMA_V1: &str = "
 CREATE TABLE persist_snapshots (
     key TEXT PRIMARY KEY,
     resolution TEXT NOT NULL CHECK (resolution IN ('pending', 'none', 'identified')),
@@ -78,6 +102,9 @@ pub struct SnapshotRow {
     /// The restore step finished (restored, nothing to restore, or skipped by policy): only
     /// then may this upper dir become the identity's layer.
     pub restored: bool,
+    /// The identity asked for while `resolution` is still `Pending`: the background restore
+    /// claims it (once no other live snapshot holds it) and then restores it.
+    pub want: Option<ContainerLayerId>,
 }
 
 /// Where a queued layer's directory is.
@@ -110,6 +137,13 @@ pub struct OutboxRow {
     pub snapshot_id: i64,
     pub location: Location,
     pub attempts: i64,
+    /// The last failure, for status.
+    pub last_error: Option<String>,
+    /// Not retried before this time (ns since the epoch).
+    pub next_attempt_ns: i64,
+    /// Dead letter: failed for a reason retrying will not fix; kept on disk, retried only at
+    /// the next start or `gc`.
+    pub dead: bool,
 }
 
 /// A new outbox row (the id is assigned by the database unless given).
@@ -151,10 +185,18 @@ fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
         source: r.get(4)?,
         base: decode_base(&r.get::<_, String>(5)?),
         restored: r.get(6)?,
+        want: match (
+            r.get::<_, Option<String>>(7)?,
+            r.get::<_, Option<String>>(8)?,
+        ) {
+            (Some(s), Some(i)) => Some(ContainerLayerId::new(s, i)),
+            _ => None,
+        },
     })
 }
 
-const SNAPSHOT_COLUMNS: &str = "key, resolution, service, instance, source, base, restored";
+const SNAPSHOT_COLUMNS: &str =
+    "key, resolution, service, instance, source, base, restored, want_service, want_instance";
 
 /// The persistence state of `key`, if any was recorded.
 pub fn snapshot(conn: &Connection, key: &str) -> Result<Option<SnapshotRow>> {
@@ -192,10 +234,11 @@ pub fn put_snapshot(conn: &Connection, row: &SnapshotRow) -> Result<()> {
         Resolution::Identified(id) => ("identified", Some(&id.service), Some(&id.instance_id)),
     };
     conn.execute(
-        "INSERT INTO persist_snapshots (key, resolution, service, instance, source, base, restored)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO persist_snapshots (key, resolution, service, instance, source, base, restored,
+             want_service, want_instance)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (key) DO UPDATE SET resolution = ?2, service = ?3, instance = ?4, source = ?5,
-             base = ?6, restored = ?7",
+             base = ?6, restored = ?7, want_service = ?8, want_instance = ?9",
         params![
             row.key,
             resolution,
@@ -203,7 +246,9 @@ pub fn put_snapshot(conn: &Connection, row: &SnapshotRow) -> Result<()> {
             instance,
             row.source,
             encode_base(&row.base),
-            row.restored
+            row.restored,
+            row.want.as_ref().map(|w| &w.service),
+            row.want.as_ref().map(|w| &w.instance_id),
         ],
     )
     .map_err(PersistError::db("store snapshot persistence state"))?;
@@ -218,6 +263,26 @@ pub fn set_restored(conn: &Connection, key: &str) -> Result<()> {
     )
     .map_err(PersistError::db("mark snapshot restored"))?;
     Ok(())
+}
+
+/// Claims `want` for `key` unless another live snapshot holds it; returns that holder.
+pub fn try_claim(
+    conn: &Connection,
+    key: &str,
+    want: &ContainerLayerId,
+) -> Result<Option<SnapshotRow>> {
+    if let Some(other) = identity_owner(conn, want)?
+        && other.key != key
+    {
+        return Ok(Some(other));
+    }
+    conn.execute(
+        "UPDATE persist_snapshots SET resolution = 'identified', service = ?2, instance = ?3
+         WHERE key = ?1",
+        params![key, want.service, want.instance_id],
+    )
+    .map_err(PersistError::db("claim identity"))?;
+    Ok(None)
 }
 
 /// Forgets `key`.
@@ -263,8 +328,8 @@ pub fn note_synced(conn: &Connection, identity: &ContainerLayerId, seq: u64) -> 
     Ok(())
 }
 
-const OUTBOX_COLUMNS: &str =
-    "id, service, instance, seq, base, key, snapshot_id, location, attempts";
+const OUTBOX_COLUMNS: &str = "id, service, instance, seq, base, key, snapshot_id, location, attempts, \
+     last_error, next_attempt_ns, dead";
 
 fn outbox_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxRow> {
     let base: Option<String> = r.get(4)?;
@@ -282,6 +347,9 @@ fn outbox_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxRow> {
             Location::Outbox
         },
         attempts: r.get(8)?,
+        last_error: r.get(9)?,
+        next_attempt_ns: r.get(10)?,
+        dead: r.get(11)?,
     })
 }
 
@@ -375,13 +443,46 @@ pub fn set_location(conn: &Connection, id: i64, location: Location) -> Result<()
     Ok(())
 }
 
-/// Records a failed attempt (for status and back-off).
-pub fn record_failure(conn: &Connection, id: i64, error: &str) -> Result<()> {
+/// Records a failed attempt: not retried before `next_attempt_ns`, or never again
+/// automatically when `dead`.
+pub fn record_failure(
+    conn: &Connection,
+    id: i64,
+    error: &str,
+    next_attempt_ns: i64,
+    dead: bool,
+) -> Result<()> {
     conn.execute(
-        "UPDATE persist_outbox SET attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
-        params![id, error],
+        "UPDATE persist_outbox SET attempts = attempts + 1, last_error = ?2, next_attempt_ns = ?3,
+             dead = ?4 WHERE id = ?1",
+        params![id, error, next_attempt_ns, dead],
     )
     .map_err(PersistError::db("record outbox failure"))?;
+    Ok(())
+}
+
+/// Makes every dead letter and backed-off row due again (start-up, `gc`); returns how many
+/// dead letters were revived.
+pub fn revive_all(conn: &Connection) -> Result<usize> {
+    let dead = conn
+        .execute(
+            "UPDATE persist_outbox SET dead = 0, attempts = 0, next_attempt_ns = 0 WHERE dead = 1",
+            [],
+        )
+        .map_err(PersistError::db("revive dead letters"))?;
+    conn.execute("UPDATE persist_outbox SET next_attempt_ns = 0", [])
+        .map_err(PersistError::db("reset retry schedule"))?;
+    Ok(dead)
+}
+
+/// Records the identity a pending snapshot asks for.
+pub fn set_want(conn: &Connection, key: &str, want: &ContainerLayerId, source: &str) -> Result<()> {
+    conn.execute(
+        "UPDATE persist_snapshots SET want_service = ?2, want_instance = ?3, source = ?4
+         WHERE key = ?1 AND resolution = 'pending'",
+        params![key, want.service, want.instance_id, source],
+    )
+    .map_err(PersistError::db("record wanted identity"))?;
     Ok(())
 }
 

@@ -39,6 +39,41 @@ pub enum PersistError {
         key: String,
         identity: ContainerLayerId,
     },
+    #[error(
+        "identity {identity} is still held by snapshot {other}, whose container is gone but whose \
+         removal has not arrived after {secs} s; refusing {key}"
+    )]
+    PredecessorNotRemoved {
+        identity: ContainerLayerId,
+        key: String,
+        other: String,
+        secs: u64,
+    },
+    #[error(
+        "upper dir {path} of snapshot {key} has content although {identity} was never restored \
+         into it; refusing to use it (it would start without its layer and replace the stored one)"
+    )]
+    UpperHasContent {
+        key: String,
+        identity: ContainerLayerId,
+        path: PathBuf,
+    },
+    #[error("restore of {identity} into snapshot {key} has not finished after {secs} s")]
+    RestoreTimeout {
+        key: String,
+        identity: ContainerLayerId,
+        secs: u64,
+    },
+    #[error("cannot determine the identity of snapshot {key}: containerd cannot be asked")]
+    LookupFailed {
+        key: String,
+        #[source]
+        source: Box<crate::snapshotter::containers::LookupError>,
+    },
+    #[error("snapshot {key} was removed while its layer was being restored")]
+    SnapshotGone { key: String },
+    #[error(transparent)]
+    Shared(std::sync::Arc<PersistError>),
     #[error("nothing to sync for {target}: no persisted active snapshot or queued layer")]
     NothingToSync { target: String },
     #[error("object store unavailable while restoring {identity} into {key}")]
@@ -123,10 +158,15 @@ impl PersistError {
         match self {
             Self::BadIdentity { .. } => Code::InvalidArgument,
             Self::DuplicateIdentity { .. }
+            | Self::PredecessorNotRemoved { .. }
+            | Self::UpperHasContent { .. }
             | Self::BaseChanged { .. }
             | Self::NotRestored { .. } => Code::FailedPrecondition,
-            Self::NothingToSync { .. } => Code::NotFound,
-            Self::StoreUnavailable { .. } => Code::Unavailable,
+            Self::NothingToSync { .. } | Self::SnapshotGone { .. } => Code::NotFound,
+            Self::StoreUnavailable { .. }
+            | Self::RestoreTimeout { .. }
+            | Self::LookupFailed { .. } => Code::Unavailable,
+            Self::Shared(e) => e.code(),
             Self::Restore { .. }
             | Self::LocalCopy { .. }
             | Self::Sync { .. }
@@ -138,6 +178,27 @@ impl PersistError {
             | Self::NotOpen
             | Self::Join(_) => Code::Internal,
         }
+    }
+}
+
+impl PersistError {
+    /// Whether this is the store failing (retry without limit) rather than the layer or the
+    /// local disk (retry a few times, then keep it as a dead letter).
+    #[must_use]
+    pub fn is_store_fault(&self) -> bool {
+        match self {
+            Self::Sync { source, .. }
+            | Self::Restore { source, .. }
+            | Self::StoreUnavailable { source, .. } => is_store_fault(source),
+            Self::Shared(e) => e.is_store_fault(),
+            _ => false,
+        }
+    }
+}
+
+impl crate::snapshotter::error::HookError for PersistError {
+    fn code(&self) -> tonic::Code {
+        PersistError::code(self)
     }
 }
 

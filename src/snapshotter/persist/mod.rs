@@ -2,21 +2,30 @@
 //! after they are removed, through [`crate::layer::LayerSyncManager`].
 //!
 //! [`Persistence`] plugs into the snapshotter core as its [`PersistenceHooks`]:
-//! - **Prepare / Mounts** ([`identity`], [`restore`]): resolve the snapshot's identity (snapshot
-//!   label at Prepare; container labels once containerd has the record, at a later Mounts),
-//!   then restore the identity's layer into the still-empty upper dir, from the local outbox if
-//!   an upload is pending there, else from the store. The restore extracts into a staging dir
-//!   and swaps it in, so a failure leaves the upper empty and fails the call.
+//! - **Prepare** (no store I/O: containerd calls it inside its metadata transaction): record
+//!   the identity the snapshot label asks for, move the empty upper aside and start the restore
+//!   in the background ([`jobs`]).
+//! - **Mounts** ([`identity`], [`jobs`], [`restore`]): resolve container-label identities by
+//!   asking containerd (failing `Unavailable` when it cannot be asked), then wait, bounded, for
+//!   the restore: the identity is claimed (a predecessor whose container is gone is waited
+//!   for), its layer restored from the local outbox if an upload is pending there, else from
+//!   the store, made durable, swapped in and only then marked restored. A failure fails the
+//!   call; the upper never exists in a half-restored state.
 //! - **Remove / Commit** ([`outbox`]): no store I/O. Remove queues an outbox row in the same
 //!   transaction that deletes the record and renames the snapshot dir into `<root>/outbox/<n>`;
 //!   Commit queues the committed dir in place. The [`worker`] uploads queued layers.
-//! - **Start**: `on_open` reconciles rows, outbox dirs and markers after a crash at any point.
+//! - **Start**: `on_open` reconciles rows, outbox dirs and markers after a crash at any point,
+//!   and revives dead letters; a restore a restart interrupted runs again at the next Mounts.
+//! - **Operators** ([`status`]): queued layers, dead letters and quarantined entries, read by
+//!   the `status` and `gc` commands from the metadata database.
 
 mod db;
 mod error;
 pub mod identity;
+mod jobs;
 mod outbox;
 mod restore;
+mod status;
 mod worker;
 
 #[cfg(test)]
@@ -25,7 +34,7 @@ mod tests;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::runtime::Handle;
@@ -34,6 +43,8 @@ use tokio::sync::Notify;
 use crate::archive::XattrNs;
 use crate::config::{OnBaseChange, PersistPolicy, SnapshotterConfig};
 use crate::layer::LayerSyncManager;
+use crate::layer::types::ContainerLayerId;
+use crate::snapshotter::key::BackendKey;
 use crate::state::Database;
 use crate::sys::overlay::OverlayFeatures;
 
@@ -43,12 +54,11 @@ use super::hooks::{
     CommitEvent, OpenContext, PersistenceHooks, RemoveDisposition, RemoveEvent, SnapshotEvent,
 };
 
-pub use db::{Location, OutboxRow, Resolution, SCHEMA};
+pub use db::{Location, MIGRATIONS, OutboxRow, Resolution};
 pub use error::PersistError;
 use error::Result;
-
-/// How often an unreachable containerd is logged at warn level.
-const LOOKUP_WARN_INTERVAL: Duration = Duration::from_secs(60);
+pub use jobs::PENDING_UPPER;
+pub use status::{NodeStatus, QueuedLayer, node_status, retry_dead_letters};
 
 /// Persistence settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +67,11 @@ pub struct PersistOptions {
     pub on_base_change: OnBaseChange,
     /// Namespace of the overlay xattrs written by restores (`user` with `userxattr` mounts).
     pub xattr_ns: XattrNs,
+    /// How long Mounts waits for a snapshot's restore before failing `Unavailable`.
+    pub restore_timeout: Duration,
+    /// Whether container labels are looked up in containerd; when false identities come only
+    /// from snapshot labels (and `<namespace>/<name>` under policy `all`).
+    pub container_lookup: bool,
 }
 
 impl PersistOptions {
@@ -71,14 +86,18 @@ impl PersistOptions {
             } else {
                 XattrNs::Trusted
             },
+            restore_timeout: Duration::from_secs(config.restore_timeout_secs),
+            container_lookup: config.container_lookup,
         }
     }
 }
 
-/// The snapshotter's persistence layer. Share it as `Arc<Persistence>`: the core holds it as its
-/// hooks, the daemon runs its [`worker`](Persistence::spawn_worker) and calls
-/// [`sync_now`](Persistence::sync_now).
+/// The snapshotter's persistence layer, shared as `Arc<Persistence>`: the core holds it as its
+/// hooks and the daemon runs its [`worker`](Persistence::spawn_worker).
 pub struct Persistence {
+    /// Itself, for background restores started from `&self` hooks.
+    me: std::sync::Weak<Persistence>,
+    jobs: jobs::Jobs,
     opts: PersistOptions,
     manager: LayerSyncManager,
     containers: Arc<dyn ContainerLookup>,
@@ -90,7 +109,6 @@ pub struct Persistence {
     /// Held while a queued layer's dir is read for a restore and while the worker deletes it.
     pins: KeyLocks,
     wake: Notify,
-    last_lookup_warning: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Persistence {
@@ -184,16 +202,18 @@ fn hold(lock: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
 
 impl Persistence {
     /// Persistence through `manager`, asking `containers` for container records. `handle` is the
-    /// runtime the hooks block on; hooks must be called from outside its async threads (the
-    /// gRPC service calls the core on the blocking pool).
+    /// runtime the hooks block on and restores run on; hooks must be called from outside its
+    /// async threads (the gRPC service calls the core on the blocking pool).
     #[must_use]
     pub fn new(
         opts: PersistOptions,
         manager: LayerSyncManager,
         containers: Arc<dyn ContainerLookup>,
         handle: Handle,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            jobs: jobs::Jobs::default(),
             opts,
             manager,
             containers,
@@ -202,8 +222,7 @@ impl Persistence {
             key_locks: KeyLocks::default(),
             pins: KeyLocks::default(),
             wake: Notify::new(),
-            last_lookup_warning: Mutex::new(None),
-        }
+        })
     }
 
     /// The layer manager in use.
@@ -238,104 +257,131 @@ impl Persistence {
         self.attached()?.read("read outbox", db::outbox_rows)
     }
 
-    /// Makes sure `event`'s snapshot is resolved and, when identified, restored. `lookup`
-    /// allows asking containerd for the container record (Mounts, not Prepare).
-    fn ensure(&self, event: &SnapshotEvent<'_>, lookup: bool) -> Result<()> {
+    /// Records a new candidate snapshot at Prepare (no store I/O: containerd holds its
+    /// metadata transaction): the identity its labels ask for, if any, with the empty upper
+    /// moved aside and the restore started in the background.
+    fn prepare(&self, event: &SnapshotEvent<'_>) -> Result<()> {
         let Some(bkey) = identity::candidate(event.kind, event.backend_key) else {
             return Ok(());
         };
         let att = self.attached()?;
         let lock = self.key_locks.get(event.key);
         let _guard = hold(&lock);
-        let key = event.key.to_string();
-        let mut row =
-            match att.read("read snapshot persistence state", |c| db::snapshot(c, &key))? {
-                Some(row) => row,
-                None => {
-                    // First sight: Prepare, or a Mounts of a snapshot whose state was never recorded.
-                    let (resolution, source) =
-                        match identity::from_snapshot_labels(event.key, event.labels)? {
-                            Some(id) => (Resolution::Identified(id), "snapshot-label"),
-                            None => (Resolution::Pending, ""),
-                        };
-                    let row = db::SnapshotRow {
-                        key: key.clone(),
-                        resolution,
-                        source: source.to_string(),
-                        base: identity::base_of(event.parents),
-                        restored: false,
-                    };
-                    self.claim(att, &row)?;
-                    row
-                }
-            };
-        if row.resolution == Resolution::Pending && lookup {
-            let Some(record) = self.lookup(&bkey) else {
-                return Ok(());
-            };
-            let (resolution, source) =
-                identity::from_container(event.key, &bkey, &record, self.opts.policy)?;
-            row.resolution = resolution;
-            row.source = source.to_string();
-            self.claim(att, &row)?;
-            match &row.resolution {
-                Resolution::Identified(id) => {
-                    tracing::info!(key = %event.key, identity = %id, source, "snapshot identified");
-                }
-                _ => tracing::debug!(key = %event.key, source, "snapshot is not persisted"),
-            }
-        }
-        if let Resolution::Identified(id) = &row.resolution
-            && !row.restored
-        {
-            self.restore(att, event.key, id, &row.base, event.upper)?;
-            att.write("mark snapshot restored", |c| db::set_restored(c, &key))?;
+        let row = self.first_sight(att, event, &bkey)?;
+        if let Some(want) = &row.want {
+            restore::hide_upper(att, event.key, want, event.upper)?;
+            self.start_job(&jobs::Target {
+                key: event.key.to_string(),
+                upper: event.upper.to_path_buf(),
+            });
         }
         Ok(())
     }
 
-    /// Records `row`, refusing an identity another live snapshot holds.
-    fn claim(&self, att: &Attached, row: &db::SnapshotRow) -> Result<()> {
-        att.write("record snapshot identity", |c| {
-            if let Resolution::Identified(id) = &row.resolution
-                && let Some(other) = db::identity_owner(c, id)?
-                && other.key != row.key
-            {
-                return Err(PersistError::DuplicateIdentity {
-                    identity: id.clone(),
-                    key: row.key.clone(),
-                    other: other.key,
-                });
-            }
-            db::put_snapshot(c, row)
-        })
+    /// The state recorded for a snapshot seen for the first time.
+    fn first_sight(
+        &self,
+        att: &Attached,
+        event: &SnapshotEvent<'_>,
+        bkey: &BackendKey<'_>,
+    ) -> Result<db::SnapshotRow> {
+        let key = event.key.to_string();
+        if let Some(row) = att.read("read snapshot persistence state", |c| db::snapshot(c, &key))? {
+            return Ok(row);
+        }
+        let (want, source) = match identity::from_snapshot_labels(event.key, event.labels)? {
+            Some(id) => (Some(id), "snapshot-label"),
+            None if !self.opts.container_lookup && self.opts.policy == PersistPolicy::All => (
+                Some(ContainerLayerId::new(bkey.namespace, bkey.name)),
+                "snapshot-key",
+            ),
+            None => (None, ""),
+        };
+        // Without lookups an unlabelled snapshot is decided at once: never persisted.
+        let resolution = if want.is_none() && !self.opts.container_lookup {
+            Resolution::None
+        } else {
+            Resolution::Pending
+        };
+        let row = db::SnapshotRow {
+            key,
+            resolution,
+            source: source.to_string(),
+            base: identity::base_of(event.parents),
+            restored: false,
+            want,
+        };
+        att.write("record snapshot", |c| db::put_snapshot(c, &row))?;
+        Ok(row)
     }
 
-    /// The container record of `key`, or `None` when it does not exist yet or containerd
-    /// cannot be asked (logged, rate-limited; the next Mounts asks again).
-    fn lookup(
+    /// At Mounts: resolves the identity (asking containerd for container labels when allowed)
+    /// and waits for the snapshot's restore. Fails when the identity cannot be determined or
+    /// the restore cannot be completed, so a container never starts without its layer.
+    fn ensure(&self, event: &SnapshotEvent<'_>) -> Result<()> {
+        let Some(bkey) = identity::candidate(event.kind, event.backend_key) else {
+            return Ok(());
+        };
+        let att = self.attached()?;
+        let target = jobs::Target {
+            key: event.key.to_string(),
+            upper: event.upper.to_path_buf(),
+        };
+        let wanted = {
+            let lock = self.key_locks.get(event.key);
+            let _guard = hold(&lock);
+            let mut row = self.first_sight(att, event, &bkey)?;
+            if row.restored {
+                return Ok(());
+            }
+            if row.resolution == Resolution::Pending && row.want.is_none() {
+                self.resolve_by_container(att, event.key, &bkey, &mut row)?;
+            }
+            match (&row.resolution, &row.want) {
+                (Resolution::Identified(id), _) | (Resolution::Pending, Some(id)) => id.clone(),
+                _ => return Ok(()),
+            }
+        };
+        self.wait_job(&target, &wanted)
+    }
+
+    /// Asks containerd for the container record behind a pending snapshot and records the
+    /// decision. No record yet (the first Mounts of `ctr run` comes before it) leaves the
+    /// snapshot pending; containerd not answering fails the call.
+    fn resolve_by_container(
         &self,
-        key: &super::key::BackendKey<'_>,
-    ) -> Option<super::containers::ContainerRecord> {
-        let answer = self
+        att: &Attached,
+        key: &str,
+        bkey: &BackendKey<'_>,
+        row: &mut db::SnapshotRow,
+    ) -> Result<()> {
+        let record = self
             .handle
-            .block_on(self.containers.get(key.namespace, key.name));
-        match answer {
-            Ok(record) => record,
-            Err(e) => {
-                let mut last = self
-                    .last_lookup_warning
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if last.is_none_or(|t| t.elapsed() >= LOOKUP_WARN_INTERVAL) {
-                    *last = Some(Instant::now());
-                    tracing::warn!(error = %error_chain(&e), "cannot look up container records; treating them as not created yet");
-                } else {
-                    tracing::debug!(error = %e, "container lookup failed");
-                }
-                None
+            .block_on(self.containers.get(bkey.namespace, bkey.name))
+            .map_err(|source| PersistError::LookupFailed {
+                key: key.to_string(),
+                source: Box::new(source),
+            })?;
+        let Some(record) = record else {
+            return Ok(());
+        };
+        let (resolution, source) = identity::from_container(key, bkey, &record, self.opts.policy)?;
+        row.source = source.to_string();
+        match resolution {
+            Resolution::Identified(id) => {
+                tracing::info!(key, identity = %id, source, "container identity found");
+                att.write("record wanted identity", |c| {
+                    db::set_want(c, key, &id, source)
+                })?;
+                row.want = Some(id);
+            }
+            other => {
+                tracing::debug!(key, source, "snapshot is not persisted");
+                row.resolution = other;
+                att.write("record snapshot identity", |c| db::put_snapshot(c, row))?;
             }
         }
+        Ok(())
     }
 
     fn notify_worker(&self) {
@@ -343,23 +389,17 @@ impl Persistence {
     }
 }
 
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub(crate) use crate::util::error_chain;
 
 fn to_snapshot_error(e: PersistError) -> SnapshotError {
-    SnapshotError::Persist(Box::new(e))
+    SnapshotError::hook(e)
 }
 
 impl PersistenceHooks for Persistence {
+    fn migrations(&self) -> &'static [crate::state::Migration] {
+        MIGRATIONS
+    }
+
     fn on_open(&self, ctx: &OpenContext<'_>) -> Result<(), SnapshotError> {
         let att = Attached {
             db: ctx.db.clone(),
@@ -380,16 +420,22 @@ impl PersistenceHooks for Persistence {
             }
         };
         outbox::reconcile(att).map_err(to_snapshot_error)?;
+        let revived = att
+            .write("revive dead letters", db::revive_all)
+            .map_err(to_snapshot_error)?;
+        if revived > 0 {
+            tracing::info!(revived, "retrying dead-letter layers after a restart");
+        }
         self.notify_worker();
         Ok(())
     }
 
     fn on_prepare(&self, event: &SnapshotEvent<'_>) -> Result<(), SnapshotError> {
-        self.ensure(event, false).map_err(to_snapshot_error)
+        self.prepare(event).map_err(to_snapshot_error)
     }
 
     fn on_mounts(&self, event: &SnapshotEvent<'_>) -> Result<(), SnapshotError> {
-        self.ensure(event, true).map_err(to_snapshot_error)
+        self.ensure(event).map_err(to_snapshot_error)
     }
 
     fn on_commit_tx(&self, tx: &Connection, event: &CommitEvent<'_>) -> Result<(), SnapshotError> {
@@ -410,6 +456,9 @@ impl PersistenceHooks for Persistence {
         if disposition == RemoveDisposition::Claimed {
             self.notify_worker();
         }
+        // Claims waiting for this snapshot read again once the transaction has committed
+        // (their reads wait for the connection this transaction holds).
+        self.jobs.note_removed(event.key);
         Ok(disposition)
     }
 }

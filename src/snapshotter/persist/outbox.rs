@@ -14,7 +14,9 @@
 //!   transaction never committed: move the dir back;
 //! - `outbox/<n>` without row or record: the worker finished but died before deleting the dir:
 //!   re-adopt it (the re-sync finds the layer unchanged and deletes it);
-//! - an outbox entry without a marker was never ours: trash. Nothing with a marker is deleted.
+//! - an outbox entry whose marker is missing, unreadable or names another row: quarantined in
+//!   `<root>/quarantine/` (kept, logged, listed by `status`) for an operator to inspect; it may
+//!   be the only copy of a layer, so nothing here is ever deleted.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -26,7 +28,6 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::layer::types::ContainerLayerId;
-use crate::snapshotter::fsops;
 use crate::snapshotter::hooks::{CommitEvent, RemoveDisposition, RemoveEvent};
 use crate::snapshotter::meta;
 use crate::snapshotter::types::Kind;
@@ -49,12 +50,15 @@ pub struct Marker {
     pub snapshot_id: i64,
 }
 
-/// Creates `<root>/outbox` (0700).
-pub fn prepare_dir(outbox: &Path) -> Result<()> {
-    fs::create_dir_all(outbox).map_err(PersistError::io("create", outbox))?;
-    fs::set_permissions(outbox, fs::Permissions::from_mode(0o700))
-        .map_err(PersistError::io("set mode of", outbox))
+/// Creates a private directory such as `<root>/outbox` or `<root>/quarantine` (0700).
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(PersistError::io("create", dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(PersistError::io("set mode of", dir))
 }
+
+/// Name of the quarantine directory under the snapshotter root.
+pub const QUARANTINE: &str = "quarantine";
 
 /// The snapshot id of `snapshots/<id>`.
 fn snapshot_id_of(dir: &Path) -> Option<i64> {
@@ -182,7 +186,8 @@ fn queue(
     Ok((seq, id))
 }
 
-/// Marker, rename, fsyncs. On failure the marker is removed again and the dir stays put.
+/// Marker, rename, fsyncs. On failure the marker is removed again and the dir stays put: a
+/// rename whose fsync failed is undone, since the transaction that records it rolls back.
 fn move_into_outbox(att: &Attached, dir: &Path, marker: &Marker) -> Result<()> {
     write_marker(dir, marker)?;
     let dest = att.outbox.join(marker.outbox_id.to_string());
@@ -190,8 +195,19 @@ fn move_into_outbox(att: &Attached, dir: &Path, marker: &Marker) -> Result<()> {
         let _ = fs::remove_file(dir.join(MARKER));
         return Err(PersistError::io("move into the outbox", dir)(e));
     }
-    sync_dir(&att.outbox)?;
-    sync_dir(&att.snapshots)
+    if let Err(e) = sync_dir(&att.outbox).and_then(|()| sync_dir(&att.snapshots)) {
+        match fs::rename(&dest, dir) {
+            Ok(()) => {
+                let _ = fs::remove_file(dir.join(MARKER));
+            }
+            Err(undo) => {
+                // Start-up moves it back (its marker names a record that still exists).
+                tracing::error!(path = %dest.display(), error = %undo, "cannot undo a move into the outbox");
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 fn write_marker(dir: &Path, marker: &Marker) -> Result<()> {
@@ -222,9 +238,34 @@ pub fn read_marker(dir: &Path) -> Result<Option<Marker>> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(test)]
+    if failpoint::should_fail(dir) {
+        return Err(PersistError::io("fsync", dir)(std::io::Error::other(
+            "injected fsync failure",
+        )));
+    }
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(PersistError::io("fsync", dir))
+}
+
+/// Moves an outbox entry nobody can vouch for into `<root>/quarantine/`, keeping it.
+fn quarantine(att: &Attached, path: &Path, why: &str) -> Result<()> {
+    let dir = att.root.join(QUARANTINE);
+    prepare_dir(&dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dest = dir.join(crate::util::unique_temp_name(
+        format!("outbox-{name}").as_bytes(),
+        "quarantined",
+    ));
+    tracing::error!(path = %path.display(), quarantined = %dest.display(), reason = why,
+        "outbox entry cannot be matched to a queued layer; quarantined, not deleted");
+    fs::rename(path, &dest).map_err(PersistError::io("quarantine", path))?;
+    sync_dir(&dir)?;
+    sync_dir(&att.outbox)
 }
 
 fn exists(path: &Path) -> bool {
@@ -344,15 +385,14 @@ fn reconcile_orphan(
 ) -> Result<()> {
     let marker = match read_marker(path) {
         Ok(Some(m)) if Some(m.outbox_id) == n => m,
-        Ok(_) => {
-            tracing::warn!(path = %path.display(), "outbox entry without a marker; moving it to the trash");
-            return fsops::move_to_trash(path, &att.trash)
-                .map_err(|e| PersistError::Meta(Box::new(e)));
+        Ok(Some(m)) => {
+            let why = format!("its marker names outbox entry {}", m.outbox_id);
+            return quarantine(att, path, &why);
         }
+        Ok(None) => return quarantine(att, path, "it has no marker"),
         Err(e) => {
-            // Never delete what might be the only copy of a layer.
-            tracing::error!(path = %path.display(), error = %super::error_chain(&e), "outbox entry with an unreadable marker; leaving it");
-            return Ok(());
+            let why = format!("unreadable marker: {}", super::error_chain(&e));
+            return quarantine(att, path, &why);
         }
     };
     let original = att.snapshots.join(marker.snapshot_id.to_string());
@@ -379,4 +419,21 @@ fn reconcile_orphan(
         },
     )?;
     Ok(())
+}
+
+/// Test seam: make the next fsyncs of one directory fail.
+#[cfg(test)]
+pub(super) mod failpoint {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static FAIL: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+    pub fn fail_fsync_of(dir: Option<&Path>) {
+        *FAIL.lock().unwrap() = dir.map(Path::to_path_buf);
+    }
+
+    pub(super) fn should_fail(dir: &Path) -> bool {
+        FAIL.lock().unwrap().as_deref() == Some(dir)
+    }
 }

@@ -1,11 +1,14 @@
-//! Restoring an identity's layer into a new, still untouched upper dir.
+//! Restoring an identity's layer into a new, still untouched upper dir (run by the background
+//! restore jobs, never inside a containerd call that holds its locks).
 //!
 //! Source order: the newest queued layer of the identity in the local outbox (its upload may
 //! still be pending, so the store may only have an older version), else the store's manifest.
-//! Both paths extract into a staging dir next to `fs` and swap it in, so a failure leaves the
-//! upper dir empty and unmodified and the Prepare/Mounts fails.
+//! The empty upper waits as `fs.pending` while both paths extract into a staging dir and rename
+//! it to `fs` once it is complete and on disk, so a failure leaves no `fs` at all: the
+//! snapshot cannot be mounted and the Mounts waiting for the restore fails.
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use crate::archive::{self, UnpackOptions};
 use crate::config::OnBaseChange;
@@ -14,10 +17,14 @@ use crate::layer::types::ContainerLayerId;
 
 use super::error::{PersistError, Result, is_store_fault};
 use super::identity::describe_base;
+use super::jobs::pending_of;
 use super::{Attached, Persistence, db, hold};
 
 impl Persistence {
-    /// Restores `id` into `upper` unless the upper dir already has content.
+    /// Restores `id` into the absent `upper` (its empty original waits as `fs.pending`), from
+    /// the outbox or the store; with nothing to restore the empty original goes back in place.
+    /// Everything is on disk when this returns. An upper that already has content was written
+    /// without its layer: refused, never restored over and never persisted.
     pub(super) fn restore(
         &self,
         att: &Attached,
@@ -26,12 +33,30 @@ impl Persistence {
         base: &[String],
         upper: &Path,
     ) -> Result<()> {
-        if !dir_is_empty(upper)? {
-            tracing::info!(key, identity = %id, "upper dir already has content; not restoring over it");
-            return Ok(());
+        let pending = hide_upper(att, key, id, upper)?;
+        let restored = self.restore_layer(att, key, id, base, upper)?;
+        if restored {
+            std::fs::remove_dir(&pending).map_err(PersistError::io("remove", &pending))?;
+        } else {
+            std::fs::rename(&pending, upper)
+                .map_err(PersistError::io("rename into place", &pending))?;
         }
-        if self.restore_from_outbox(att, key, id, base, upper)? {
-            return Ok(());
+        let parent = upper.parent().unwrap_or(upper);
+        sync_dir(parent)
+    }
+
+    /// Fills the absent `upper`; false when there was nothing to restore (or the policy said
+    /// to start from the image).
+    fn restore_layer(
+        &self,
+        att: &Attached,
+        key: &str,
+        id: &ContainerLayerId,
+        base: &[String],
+        upper: &Path,
+    ) -> Result<bool> {
+        if let Some(copied) = self.restore_from_outbox(att, key, id, base, upper)? {
+            return Ok(copied);
         }
         let manifest = self
             .handle
@@ -39,12 +64,12 @@ impl Persistence {
             .map_err(|e| self.restore_error(key, id, e))?;
         let Some(manifest) = manifest else {
             tracing::info!(key, identity = %id, "no stored layer yet; starting from the image");
-            return Ok(());
+            return Ok(false);
         };
         let seq = manifest.current.seq;
         att.write("raise sequence number", |c| db::note_synced(c, id, seq))?;
         if !self.base_allows_restore(key, id, manifest.current.base.as_deref(), base)? {
-            return Ok(());
+            return Ok(false);
         }
         let opts = RestoreOptions {
             xattr_ns: self.opts.xattr_ns,
@@ -55,17 +80,20 @@ impl Persistence {
             .block_on(self.manager.restore_layer_with(id, upper, opts))
             .map_err(|e| self.restore_error(key, id, e))?;
         match restored {
-            Some(snap) => tracing::info!(key, identity = %id, digest = %snap.digest, seq,
-                files = snap.file_count, bytes = snap.size_bytes, "restored layer from the store"),
+            Some(snap) => {
+                tracing::info!(key, identity = %id, digest = %snap.digest, seq,
+                files = snap.file_count, bytes = snap.size_bytes, "restored layer from the store");
+                Ok(true)
+            }
             None => {
-                tracing::info!(key, identity = %id, "stored layer disappeared; starting from the image")
+                tracing::info!(key, identity = %id, "stored layer disappeared; starting from the image");
+                Ok(false)
             }
         }
-        Ok(())
     }
 
-    /// Copies the newest queued layer of `id` not yet superseded in the store; false when
-    /// there is none.
+    /// Copies the newest queued layer of `id` not yet superseded in the store: `None` when
+    /// there is none, else whether anything was copied (the base policy may skip it).
     fn restore_from_outbox(
         &self,
         att: &Attached,
@@ -73,18 +101,18 @@ impl Persistence {
         id: &ContainerLayerId,
         base: &[String],
         upper: &Path,
-    ) -> Result<bool> {
+    ) -> Result<Option<bool>> {
         let Some(row) = att.read("read outbox", |c| db::newest_unsynced(c, id))? else {
-            return Ok(false);
+            return Ok(None);
         };
         if !self.base_allows_restore(key, id, row.base.as_deref(), base)? {
-            return Ok(true);
+            return Ok(Some(false));
         }
         let pin = self.pins.get(&id.to_key());
         let _pinned = hold(&pin);
         // The worker may have finished it meanwhile; then the store has it.
         let Some(row) = att.read("read outbox", |c| db::outbox_row(c, row.id))? else {
-            return Ok(false);
+            return Ok(None);
         };
         let src = att.layer_dir(&row).join("fs");
         let opts = UnpackOptions {
@@ -101,7 +129,7 @@ impl Persistence {
         tracing::info!(key, identity = %id, seq = row.seq, outbox = row.id, from = %src.display(),
             entries = stats.entries, tar_bytes = stats.uncompressed_size,
             "restored layer from the local outbox (upload pending)");
-        Ok(true)
+        Ok(Some(true))
     }
 
     /// Applies `on_base_change` when the layer was recorded on another base.
@@ -159,4 +187,51 @@ impl Persistence {
 fn dir_is_empty(dir: &Path) -> Result<bool> {
     let mut entries = std::fs::read_dir(dir).map_err(PersistError::io("read directory", dir))?;
     Ok(entries.next().is_none())
+}
+
+fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
+/// Moves the empty upper dir aside (`fs.pending`) so nothing can mount it before the restore
+/// has filled its replacement; returns the pending path. Prepare calls this for identities
+/// known at once; the restore job calls it again (idempotent) after a restart or for
+/// identities found at Mounts.
+pub(super) fn hide_upper(
+    att: &Attached,
+    key: &str,
+    id: &ContainerLayerId,
+    upper: &Path,
+) -> Result<PathBuf> {
+    let pending = pending_of(upper);
+    if exists(upper) {
+        if exists(&pending) {
+            // A restore swapped its tree in but died before marking it restored; nothing has
+            // mounted it (Mounts waits for the mark), so restore again from the source.
+            tracing::warn!(key, identity = %id, "discarding a restore that was not marked done");
+            crate::snapshotter::fsops::move_to_trash(upper, &att.trash)
+                .map_err(|e| PersistError::Meta(Box::new(e)))?;
+        } else if dir_is_empty(upper)? {
+            std::fs::rename(upper, &pending).map_err(PersistError::io("rename", upper))?;
+        } else {
+            return Err(PersistError::UpperHasContent {
+                key: key.to_string(),
+                identity: id.clone(),
+                path: upper.to_path_buf(),
+            });
+        }
+    } else if !exists(&pending) {
+        // Lost with its parent dir (recreated empty at start-up): an empty upper again.
+        std::fs::create_dir(&pending).map_err(PersistError::io("create", &pending))?;
+        std::fs::set_permissions(&pending, std::fs::Permissions::from_mode(0o755))
+            .map_err(PersistError::io("set mode of", &pending))?;
+    }
+    sync_dir(upper.parent().unwrap_or(upper))?;
+    Ok(pending)
+}
+
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(PersistError::io("fsync", dir))
 }

@@ -42,6 +42,10 @@ struct Gate {
     permits: Semaphore,
     uploads_started: AtomicUsize,
     fail_reads: AtomicBool,
+    /// Reads wait while this is set.
+    block_reads: AtomicBool,
+    /// Reads of manifests (one per restore attempt by each reader).
+    manifest_reads: AtomicUsize,
 }
 
 impl Gate {
@@ -51,11 +55,23 @@ impl Gate {
             permits: Semaphore::new(if open { Semaphore::MAX_PERMITS / 2 } else { 0 }),
             uploads_started: AtomicUsize::new(0),
             fail_reads: AtomicBool::new(false),
+            block_reads: AtomicBool::new(false),
+            manifest_reads: AtomicUsize::new(0),
         })
     }
 
     fn release(&self) {
         self.permits.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+
+    async fn read(&self, key: &str) -> StoreResult<()> {
+        if key.contains("manifests/") {
+            self.manifest_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        while self.block_reads.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.fault(key)
     }
 
     fn fault(&self, key: &str) -> StoreResult<()> {
@@ -76,11 +92,11 @@ impl ObjectStore for Gate {
         format!("gated {}", self.inner.describe())
     }
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>> {
-        self.fault(key)?;
+        self.read(key).await?;
         self.inner.head(key).await
     }
     async fn get_bytes(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.fault(key)?;
+        self.read(key).await?;
         self.inner.get_bytes(key).await
     }
     async fn put_bytes(
@@ -100,7 +116,7 @@ impl ObjectStore for Gate {
         dest: &Path,
         progress: Option<Progress>,
     ) -> StoreResult<u64> {
-        self.fault(key)?;
+        self.read(key).await?;
         self.inner.download_to_file(key, dest, progress).await
     }
     async fn upload_file(
@@ -216,7 +232,7 @@ impl Env {
             .block_on(LayerSyncManager::with_store(self.config(name), store))
             .unwrap();
         let lookup: Arc<dyn ContainerLookup> = containers.clone();
-        let persist = Arc::new(Persistence::new(opts, manager, lookup, rt.handle().clone()));
+        let persist = Persistence::new(opts, manager, lookup, rt.handle().clone());
         let root = self.dir.path().join(name).join("root");
         let core = Snapshotter::open_with(&root, FEATURES, persist.clone()).unwrap();
         let stop = CancellationToken::new();
@@ -244,6 +260,8 @@ fn opts(policy: PersistPolicy, on_base_change: OnBaseChange) -> PersistOptions {
         policy,
         on_base_change,
         xattr_ns: XattrNs::Trusted,
+        restore_timeout: Duration::from_secs(30),
+        container_lookup: true,
     }
 }
 
@@ -277,9 +295,12 @@ impl Node {
         self.core().commit(BASE, key, Labels::new()).unwrap();
     }
 
-    /// Prepares a container snapshot on the base layer; returns its upper dir.
+    /// Prepares a container snapshot on the base layer and asks for its mounts, as containerd
+    /// does before a container starts (the restore runs in between); returns its upper dir.
     fn container(&self, key: &str, identity: Option<&str>) -> PathBuf {
-        upper_of(&self.core().prepare(key, BASE, id_labels(identity)).unwrap())
+        let upper = upper_of(&self.core().prepare(key, BASE, id_labels(identity)).unwrap());
+        self.core().mounts(key).unwrap();
+        upper
     }
 
     /// Stores `files` as `identity`'s layer with `base`, as another node would have.
@@ -428,7 +449,7 @@ fn snapshot_id(upper: &Path) -> String {
 }
 
 #[test]
-fn label_identity_restores_at_prepare() {
+fn label_identity_restores_in_the_background_and_mounts_waits() {
     let env = Env::new();
     let node = env.node("a", default_opts(), env.gate(true), false);
     node.base_layer();
@@ -438,7 +459,8 @@ fn label_identity_restores_at_prepare() {
         &[("data/state", "kept\n"), ("etc/conf", "x=1\n")],
     );
 
-    // Restored by Prepare itself: the first Mounts may already be the container start.
+    // Prepare only records the identity; the restore runs in the background and the upper
+    // cannot be mounted (it does not exist) until it is complete. Mounts waits for it.
     let upper = node.container("default/3/c1", Some("web/0"));
     assert_eq!(
         read_files(&upper),
@@ -586,19 +608,23 @@ fn two_live_snapshots_with_one_identity_are_refused() {
     let (node, containers) = env.node_asking_containers("a", default_opts());
     node.base_layer();
     node.container("default/3/c1", Some("web/0"));
-    let err = node
-        .core()
+    containers.add("default", "c1", &[]);
+    // Prepare records the wish and returns (containerd holds its transaction); the Mounts
+    // before the container start refuses, since c1's container is alive.
+    node.core()
         .prepare("default/4/c2", BASE, id_labels(Some("web/0")))
-        .unwrap_err();
+        .unwrap();
+    let err = node.core().mounts("default/4/c2").unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let msg = err.full_message();
     assert!(
         msg.contains("web/0") && msg.contains("default/3/c1"),
         "{msg}"
     );
-    assert_eq!(
-        node.core().stat("default/4/c2").unwrap_err().code(),
-        tonic::Code::NotFound
+    node.core().remove("default/4/c2").unwrap();
+    assert!(
+        node.queued().is_empty(),
+        "a refused snapshot is never queued"
     );
 
     // The same through container labels at Mounts.
@@ -615,6 +641,173 @@ fn two_live_snapshots_with_one_identity_are_refused() {
     // Once the first is gone the identity is free again.
     node.core().remove("default/3/c1").unwrap();
     node.container("default/6/c4", Some("web/0"));
+}
+
+#[test]
+fn a_successor_waits_for_its_predecessors_remove_and_sees_its_writes() {
+    let env = Env::new();
+    let (node, containers) = env.node_asking_containers("a", default_opts());
+    node.base_layer();
+    let u1 = node.container("default/3/c1", Some("web/0"));
+    write_files(&u1, &[("log", "run 1\n")]);
+    // `ctr run --rm`: the container record is deleted, the snapshot's Remove comes later from
+    // containerd's GC, after the next run's Prepare and first Mounts.
+    assert!(containers.records.lock().unwrap().is_empty());
+    node.core()
+        .prepare("default/4/c2", BASE, id_labels(Some("web/0")))
+        .unwrap();
+    let u2 = std::thread::scope(|s| {
+        let mounts = s.spawn(|| node.core().mounts("default/4/c2"));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!mounts.is_finished(), "Mounts waits for the predecessor");
+        node.core().remove("default/3/c1").unwrap();
+        upper_of(&mounts.join().unwrap().unwrap())
+    });
+    assert_eq!(read_files(&u2), files(&[("log", "run 1\n")]));
+    assert_eq!(
+        node.persist.resolution("default/4/c2").unwrap(),
+        identified("web/0")
+    );
+}
+
+#[test]
+fn a_predecessor_that_is_never_removed_fails_the_successor_in_bounded_time() {
+    let env = Env::new();
+    let mut o = default_opts();
+    o.restore_timeout = Duration::from_secs(2);
+    let (node, _containers) = env.node_asking_containers("a", o);
+    node.base_layer();
+    node.container("default/3/c1", Some("web/0"));
+    node.core()
+        .prepare("default/4/c2", BASE, id_labels(Some("web/0")))
+        .unwrap();
+    let started = Instant::now();
+    let err = node.core().mounts("default/4/c2").unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::FailedPrecondition | tonic::Code::Unavailable
+        ),
+        "{}",
+        err.full_message()
+    );
+    assert!(
+        err.full_message().contains("web/0"),
+        "{}",
+        err.full_message()
+    );
+}
+
+#[test]
+fn prepare_does_no_store_io_and_the_upper_is_not_mountable_until_restored() {
+    let env = Env::new();
+    let node = env.node("a", default_opts(), env.gate(true), false);
+    node.base_layer();
+    node.seed("web/0", &["sha256:base"], &[("data", "kept\n")]);
+    // Every store read blocks: Prepare must still return at once.
+    node.gate.manifest_reads.store(0, Ordering::SeqCst);
+    node.gate.block_reads.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let m = node
+        .core()
+        .prepare("default/3/c1", BASE, id_labels(Some("web/0")))
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "prepare took {:?}",
+        started.elapsed()
+    );
+    // The returned mounts name an upper dir that does not exist yet: mounting them fails
+    // (ENOENT) rather than showing an empty upper.
+    let upper = upper_of(&m);
+    assert!(!upper.exists(), "upper must not exist before the restore");
+    assert_eq!(
+        node.core().usage("default/3/c1").unwrap(),
+        crate::snapshotter::Usage::default()
+    );
+    // Concurrent Mounts share the one restore and both see the layer.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| node.core().mounts("default/3/c1"));
+        let b = s.spawn(|| node.core().mounts("default/3/c1"));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!a.is_finished() && !b.is_finished());
+        node.gate.block_reads.store(false, Ordering::SeqCst);
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(a.unwrap(), b.unwrap());
+    assert_eq!(read_files(&upper), files(&[("data", "kept\n")]));
+    assert_eq!(
+        node.gate.manifest_reads.load(Ordering::SeqCst),
+        2,
+        "one restore: a manifest read by the persistence layer and one by the manager"
+    );
+}
+
+#[test]
+fn mounts_fails_after_the_restore_timeout_and_a_later_mounts_gets_the_same_restore() {
+    let env = Env::new();
+    let mut o = default_opts();
+    o.restore_timeout = Duration::from_secs(1);
+    let node = env.node("a", o, env.gate(true), false);
+    node.base_layer();
+    node.seed("web/0", &["sha256:base"], &[("data", "kept\n")]);
+    node.gate.manifest_reads.store(0, Ordering::SeqCst);
+    node.gate.block_reads.store(true, Ordering::SeqCst);
+    node.core()
+        .prepare("default/3/c1", BASE, id_labels(Some("web/0")))
+        .unwrap();
+    let err = node.core().mounts("default/3/c1").unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unavailable,
+        "{}",
+        err.full_message()
+    );
+    let msg = err.full_message();
+    assert!(
+        msg.contains("web/0") && msg.contains("default/3/c1"),
+        "{msg}"
+    );
+    node.gate.block_reads.store(false, Ordering::SeqCst);
+    let upper = upper_of(&node.core().mounts("default/3/c1").unwrap());
+    assert_eq!(read_files(&upper), files(&[("data", "kept\n")]));
+    assert_eq!(
+        node.gate.manifest_reads.load(Ordering::SeqCst),
+        2,
+        "the retry waited for the first restore"
+    );
+}
+
+#[test]
+fn an_upper_with_content_but_no_restore_is_refused_and_never_persisted() {
+    let env = Env::new();
+    let (node, containers) = env.node_asking_containers("a", default_opts());
+    node.base_layer();
+    node.seed("db/0", &["sha256:base"], &[("db", "rows\n")]);
+    let before = node.manifest("db/0").unwrap().current.digest;
+    // Something wrote into the upper before the identity was known (e.g. it was mounted
+    // while containerd could not be asked).
+    let upper = node.container("default/3/c1", None);
+    fs::write(upper.join("db"), "empty start\n").unwrap();
+    containers.add("default", "c1", &[("zlayer.id", "db/0")]);
+    let err = node.core().mounts("default/3/c1").unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        err.full_message()
+    );
+    assert!(
+        err.full_message().contains("db/0"),
+        "{}",
+        err.full_message()
+    );
+    // Refused again, and at Remove it is not queued: the stored layer stays.
+    assert!(node.core().mounts("default/3/c1").is_err());
+    node.core().remove("default/3/c1").unwrap();
+    assert!(node.queued().is_empty());
+    assert_eq!(node.manifest("db/0").unwrap().current.digest, before);
 }
 
 #[test]
@@ -651,20 +844,18 @@ fn base_changes_follow_the_policy() {
         false,
     );
     fail.base_layer();
-    let err = fail
-        .core()
+    fail.core()
         .prepare("default/3/c1", BASE, id_labels(Some("web/0")))
-        .unwrap_err();
+        .unwrap();
+    let err = fail.core().mounts("default/3/c1").unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let msg = err.full_message();
     assert!(
         msg.contains("sha256:old") && msg.contains("sha256:base"),
         "{msg}"
     );
-    assert_eq!(
-        fail.core().stat("default/3/c1").unwrap_err().code(),
-        tonic::Code::NotFound
-    );
+    fail.core().remove("default/3/c1").unwrap();
+    assert!(fail.queued().is_empty());
 }
 
 #[test]
@@ -679,10 +870,23 @@ fn mounts_resolves_container_labels_once_the_record_exists() {
         Some(Resolution::Pending)
     );
 
-    // First Mounts: no record yet. containerd down: treated the same, Mounts still works.
+    // First Mounts: no record yet (`ctr run` asks before creating it); still pending.
     node.core().mounts("default/3/c1").unwrap();
+    // containerd cannot be asked: the identity is unknown, so Mounts fails (Unavailable,
+    // naming the cause) instead of starting the container without its layer.
     containers.down.store(true, Ordering::SeqCst);
-    node.core().mounts("default/3/c1").unwrap();
+    let err = node.core().mounts("default/3/c1").unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unavailable,
+        "{}",
+        err.full_message()
+    );
+    assert!(
+        err.full_message().contains("default/3/c1"),
+        "{}",
+        err.full_message()
+    );
     assert_eq!(
         node.persist.resolution("default/3/c1").unwrap(),
         Some(Resolution::Pending)
@@ -744,13 +948,13 @@ fn a_failed_restore_leaves_the_upper_empty_and_is_not_persisted() {
         "{}",
         err.full_message()
     );
-    assert!(read_files(&upper).is_empty());
+    assert!(!upper.exists(), "not mountable after a failed restore");
     // Removed before any restore succeeded: its (empty) upper must not replace the layer.
     node.gate.fail_reads.store(false, Ordering::SeqCst);
     node.core().remove("default/3/c1").unwrap();
     assert!(node.queued().is_empty());
 
-    // Corrupt blob at Prepare: the Prepare fails and leaves nothing behind.
+    // Corrupt blob: Prepare succeeds (no store I/O), Mounts fails, nothing is ever mountable.
     let blobs = env.dir.path().join("store/layers");
     for e in fs::read_dir(&blobs).unwrap() {
         let p = e.unwrap().path();
@@ -761,20 +965,21 @@ fn a_failed_restore_leaves_the_upper_empty_and_is_not_persisted() {
             fs::write(&p, bytes).unwrap();
         }
     }
-    let err = node
+    let m = node
         .core()
         .prepare("default/4/c2", BASE, id_labels(Some("db/0")))
-        .unwrap_err();
+        .unwrap();
+    let err = node.core().mounts("default/4/c2").unwrap_err();
     assert_ne!(err.code(), tonic::Code::Ok);
-    assert_eq!(
-        node.core().stat("default/4/c2").unwrap_err().code(),
-        tonic::Code::NotFound
-    );
-    let leftovers: Vec<_> = fs::read_dir(node.root.join("snapshots"))
+    assert!(!upper_of(&m).exists(), "no upper after a failed restore");
+    let staging: Vec<_> = fs::read_dir(upper_of(&m).parent().unwrap())
         .unwrap()
-        .map(|e| e.unwrap().file_name())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("staging"))
         .collect();
-    assert_eq!(leftovers.len(), 1, "only the image layer: {leftovers:?}");
+    assert!(staging.is_empty(), "staging left behind: {staging:?}");
+    node.core().remove("default/4/c2").unwrap();
+    assert!(node.queued().is_empty());
 }
 
 #[test]
@@ -999,8 +1204,156 @@ fn start_up_repairs_every_crash_window() {
 
 #[test]
 fn errors_reach_grpc_with_persistence_codes() {
-    let e = SnapshotError::Persist(Box::new(super::PersistError::NothingToSync {
+    let e = SnapshotError::hook(super::PersistError::NothingToSync {
         target: "x/y".into(),
-    }));
+    });
     assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
+}
+
+#[test]
+fn unmatched_outbox_entries_are_quarantined_kept_and_listed() {
+    let env = Env::new();
+    let node = env.node("a", default_opts(), env.gate(true), false);
+    let root = node.root.clone();
+    let outbox = root.join("outbox");
+    // No marker; an unreadable marker; a marker naming another entry.
+    fs::create_dir_all(outbox.join("stray/fs")).unwrap();
+    fs::write(outbox.join("stray/fs/secret"), "only copy\n").unwrap();
+    fs::create_dir_all(outbox.join("55/fs")).unwrap();
+    fs::write(outbox.join("55").join(MARKER), "{not json").unwrap();
+    fs::write(outbox.join("55/fs/data"), "55\n").unwrap();
+    let marker = Marker {
+        outbox_id: 78,
+        identity: ContainerLayerId::new("web", "0"),
+        seq: 1,
+        base: None,
+        key: "default/3/c1".into(),
+        snapshot_id: 3,
+    };
+    fs::create_dir_all(outbox.join("77/fs")).unwrap();
+    fs::write(
+        outbox.join("77").join(MARKER),
+        serde_json::to_vec(&marker).unwrap(),
+    )
+    .unwrap();
+    node.kill();
+
+    let node = env.node("a", default_opts(), env.gate(true), false);
+    assert!(
+        node.outbox_entries().is_empty(),
+        "{:?}",
+        node.outbox_entries()
+    );
+    assert!(node.queued().is_empty());
+    let status = super::node_status(&root).unwrap().unwrap();
+    assert_eq!(status.quarantined.len(), 3, "{status:?}");
+    let mut contents = Vec::new();
+    for q in &status.quarantined {
+        assert!(q.starts_with(root.join("quarantine")));
+        contents.extend(read_files(&q.join("fs")));
+    }
+    contents.sort();
+    assert_eq!(
+        contents,
+        files(&[("secret", "only copy\n"), ("data", "55\n")]),
+        "nothing was deleted"
+    );
+    let trash: Vec<_> = fs::read_dir(root.join("trash")).unwrap().collect();
+    assert!(trash.is_empty());
+}
+
+#[test]
+fn a_failed_fsync_after_the_outbox_rename_undoes_the_rename() {
+    let env = Env::new();
+    let node = env.node("a", default_opts(), env.gate(true), false);
+    node.base_layer();
+    let upper = node.container("default/3/c1", Some("web/0"));
+    write_files(&upper, &[("keep", "me\n")]);
+    let outbox = node.root.join("outbox");
+    super::outbox::failpoint::fail_fsync_of(Some(&outbox));
+    let err = node.core().remove("default/3/c1");
+    super::outbox::failpoint::fail_fsync_of(None);
+    let err = err.unwrap_err();
+    assert!(
+        err.full_message().contains("fsync"),
+        "{}",
+        err.full_message()
+    );
+    // Everything as before: record, dir in place without a marker, no row, nothing queued.
+    node.core().stat("default/3/c1").unwrap();
+    assert_eq!(read_files(&upper), files(&[("keep", "me\n")]));
+    assert!(!upper.parent().unwrap().join(MARKER).exists());
+    assert!(node.queued().is_empty());
+    assert!(node.outbox_entries().is_empty());
+    // A later Remove queues it normally.
+    node.core().remove("default/3/c1").unwrap();
+    assert_eq!(node.queued().len(), 1);
+}
+
+#[test]
+fn a_layer_that_cannot_be_packed_becomes_a_dead_letter_and_is_kept() {
+    let env = Env::new();
+    let node = env.node("a", default_opts(), env.gate(true), false);
+    node.base_layer();
+    let upper = node.container("default/3/c1", Some("web/0"));
+    write_files(&upper, &[("victim", "data\n")]);
+    rustix::fs::setxattr(
+        upper.join("victim"),
+        "user.overlay.metacopy",
+        b"",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    node.core().remove("default/3/c1").unwrap();
+    let clear_schedule = |root: &Path| {
+        let conn = rusqlite::Connection::open(root.join("metadata.db")).unwrap();
+        conn.execute("UPDATE persist_outbox SET next_attempt_ns = 0", [])
+            .unwrap();
+    };
+    for attempt in 1..=super::worker::MAX_LOCAL_ATTEMPTS {
+        node.block_on(node.persist.pass());
+        let row = node.queued().pop().unwrap();
+        assert_eq!(row.attempts, attempt);
+        assert_eq!(row.dead, attempt == super::worker::MAX_LOCAL_ATTEMPTS);
+        assert!(
+            row.last_error.as_deref().unwrap().contains("victim"),
+            "{row:?}"
+        );
+        clear_schedule(&node.root);
+    }
+    // Dead: not retried by further passes, still on disk and listed by status.
+    node.block_on(node.persist.pass());
+    let row = node.queued().pop().unwrap();
+    assert_eq!(row.attempts, super::worker::MAX_LOCAL_ATTEMPTS);
+    let dir = node.root.join("outbox").join(row.id.to_string());
+    assert_eq!(fs::read_to_string(dir.join("fs/victim")).unwrap(), "data\n");
+    let status = super::node_status(&node.root).unwrap().unwrap();
+    assert!(status.queued[0].dead);
+    assert!(
+        status.queued[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("metacopy")
+    );
+    // `gc` revives it (the daemon retries it).
+    assert_eq!(super::retry_dead_letters(&node.root).unwrap(), 1);
+    let row = node.queued().pop().unwrap();
+    assert!(!row.dead && row.attempts == 0);
+    // So does a restart; the entry is never dropped.
+    let conn = rusqlite::Connection::open(node.root.join("metadata.db")).unwrap();
+    conn.execute("UPDATE persist_outbox SET dead = 1", [])
+        .unwrap();
+    drop(conn);
+    node.kill();
+    let node = env.node("a", default_opts(), env.gate(true), false);
+    let row = node.queued().pop().unwrap();
+    assert!(!row.dead);
+    assert!(
+        node.root
+            .join("outbox")
+            .join(row.id.to_string())
+            .join("fs/victim")
+            .exists()
+    );
 }

@@ -24,11 +24,15 @@ use super::db::{self, Location, OutboxRow, Resolution};
 use super::error::{PersistError, Result};
 use super::{Persistence, error_chain, hold, read_db, write_db};
 
-/// First retry delay after a failed pass; doubles up to [`MAX_BACKOFF`].
+/// First retry delay of a failed layer; doubles per attempt up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// An idle worker looks at the outbox this often even without being woken.
-const IDLE_RECHECK: Duration = Duration::from_secs(300);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Attempts before a layer that fails for a local reason (it cannot be read or packed) becomes
+/// a dead letter. Store faults are retried without limit: the layer is fine, the store is not.
+pub const MAX_LOCAL_ATTEMPTS: i64 = 5;
+/// An idle worker looks at the outbox this often even without being woken (`gc` revives dead
+/// letters in the database; this is how the daemon notices).
+const IDLE_RECHECK: Duration = Duration::from_secs(60);
 
 impl Persistence {
     /// Starts the upload worker on the current runtime; it stops when `stop` is cancelled,
@@ -43,6 +47,7 @@ impl Persistence {
         let mut resumed = false;
         let mut backoff = MIN_BACKOFF;
         loop {
+            // `backoff` paces retries of resume_pending; rows carry their own schedule.
             if !resumed {
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -57,18 +62,17 @@ impl Persistence {
                     },
                 }
             }
-            let failed = tokio::select! {
+            let next_due = tokio::select! {
                 () = stop.cancelled() => return,
-                failed = self.pass() => failed,
+                due = self.pass() => due,
             };
-            let wait = if failed || !resumed {
-                let w = backoff;
+            let mut wait = next_due.map_or(IDLE_RECHECK, |d| d.min(IDLE_RECHECK));
+            if !resumed {
+                wait = wait.min(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
-                w
             } else {
                 backoff = MIN_BACKOFF;
-                IDLE_RECHECK
-            };
+            }
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = self.wake.notified() => {}
@@ -77,34 +81,57 @@ impl Persistence {
         }
     }
 
-    /// Processes every queued row once; true when any failed.
-    async fn pass(self: &Arc<Self>) -> bool {
+    /// Processes every due row once; returns how long until the next backed-off row is due.
+    /// A failure schedules that row's retry (doubling per attempt); a layer failing for a
+    /// local reason becomes a dead letter after [`MAX_LOCAL_ATTEMPTS`]: kept on disk and in
+    /// the outbox, shown by `status`, retried at the next start or `gc`, never deleted.
+    pub(super) async fn pass(self: &Arc<Self>) -> Option<Duration> {
         let rows = match self.read_async("read outbox", db::outbox_rows).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "cannot read the outbox");
-                return true;
+                return Some(MIN_BACKOFF);
             }
         };
-        let mut failed = false;
+        let mut next_due: Option<Duration> = None;
         for row in rows {
-            if let Err(e) = self.process(&row).await {
-                failed = true;
-                let message = error_chain(&e);
-                tracing::warn!(outbox = row.id, identity = %row.identity, seq = row.seq,
-                    attempts = row.attempts + 1, error = %message, "upload of queued layer failed; will retry");
-                let id = row.id;
-                if let Err(e) = self
-                    .write_async("record outbox failure", move |c| {
-                        db::record_failure(c, id, &message)
-                    })
-                    .await
-                {
-                    tracing::warn!(error = %error_chain(&e), "cannot record the failure");
-                }
+            if row.dead {
+                continue;
+            }
+            let now = now_ns();
+            if row.next_attempt_ns > now {
+                let due =
+                    Duration::from_nanos(u64::try_from(row.next_attempt_ns - now).unwrap_or(0));
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                continue;
+            }
+            let Err(e) = self.process(&row).await else {
+                continue;
+            };
+            let attempts = row.attempts + 1;
+            let dead = !e.is_store_fault() && attempts >= MAX_LOCAL_ATTEMPTS;
+            let delay = retry_delay(attempts);
+            let message = error_chain(&e);
+            if dead {
+                tracing::error!(outbox = row.id, identity = %row.identity, seq = row.seq, attempts,
+                    error = %message, "queued layer cannot be uploaded; kept as a dead letter (see status; retried by gc or a restart)");
+            } else {
+                tracing::warn!(outbox = row.id, identity = %row.identity, seq = row.seq, attempts,
+                    retry_in_secs = delay.as_secs(), error = %message, "upload of queued layer failed; will retry");
+                next_due = Some(next_due.map_or(delay, |d| d.min(delay)));
+            }
+            let id = row.id;
+            let next = now_ns().saturating_add(i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX));
+            if let Err(e) = self
+                .write_async("record outbox failure", move |c| {
+                    db::record_failure(c, id, &message, next, dead)
+                })
+                .await
+            {
+                tracing::warn!(error = %error_chain(&e), "cannot record the failure");
             }
         }
-        failed
+        next_due
     }
 
     /// Uploads every queued layer now; returns how many were finished. Stops at the first
@@ -201,9 +228,9 @@ impl Persistence {
         })?;
         if location == Some(Location::Outbox) {
             let dir = att.outbox.join(id.to_string());
-            let doomed = att.trash.join(format!(
-                "outbox-{id}-{}",
-                chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+            let doomed = att.trash.join(crate::util::unique_temp_name(
+                format!("outbox-{id}").as_bytes(),
+                "synced",
             ));
             std::fs::rename(&dir, &doomed).map_err(PersistError::io("move to the trash", &dir))?;
             if let Err(e) = std::fs::remove_dir_all(&doomed) {
@@ -299,6 +326,16 @@ impl Persistence {
             .await
             .map_err(PersistError::Join)?
     }
+}
+
+/// The retry delay after `attempts` failures.
+fn retry_delay(attempts: i64) -> Duration {
+    let doublings = u32::try_from(attempts.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
+    (MIN_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF)
+}
+
+fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
 }
 
 /// The identified live Active snapshot named by `target` (its key, or the identity it holds)

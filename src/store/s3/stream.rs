@@ -35,11 +35,11 @@ use tokio::task::JoinHandle;
 use super::upload::{self, MAX_PARTS};
 use super::{S3Store, s3_err};
 use crate::config::MIN_PART_SIZE;
-use crate::layer::types::CompletedPart;
 use crate::store::error::Result;
 use crate::store::{
     GrowingFile, ObjectStore, Progress, StoreError, StreamedUpload, UploadJournal, UploadReport,
 };
+use crate::types::CompletedPart;
 
 /// Folder of temporary objects under the store prefix.
 pub(super) const STREAM_DIR: &str = ".zlayer-stream/";
@@ -150,17 +150,12 @@ pub(super) fn start(
     src: GrowingFile,
     progress: Option<Progress>,
 ) -> S3StreamedUpload {
-    use std::sync::atomic::AtomicU64 as Counter;
-    static COUNTER: Counter = Counter::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
     let temp = format!(
-        "{}{STREAM_DIR}{}/{}/{nanos}-{}.tar.zst",
+        "{}{STREAM_DIR}{}/{}/{}.tar.zst",
         store.prefix,
         store.node,
         process_scope(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
+        crate::util::unique_temp_name(b"layer", "stream").to_string_lossy()
     );
     let store = Arc::new(store.clone());
     let upload_id = Arc::new(Mutex::new(None));
@@ -441,11 +436,11 @@ impl StreamedUpload for S3StreamedUpload {
                             already_existed: false,
                         });
                     }
-                    Err(e) => error_chain(&e),
+                    Err(e) => crate::util::error_chain(&e),
                 }
             }
             Ok(Ok(Outcome::NotStreamed(reason))) => reason.to_string(),
-            Ok(Err(e)) | Err(e) => error_chain(&e),
+            Ok(Err(e)) | Err(e) => crate::util::error_chain(&e),
         };
         tracing::debug!(
             key,
@@ -469,17 +464,6 @@ impl StreamedUpload for S3StreamedUpload {
     async fn abort(mut self: Box<Self>) {
         self.discard().await;
     }
-}
-
-fn error_chain(e: &StoreError) -> String {
-    let mut out = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 /// `bucket/key` for CopyObject's `x-amz-copy-source`, percent-encoded except for `/`.

@@ -25,9 +25,9 @@ use super::{
     is_precondition_failure, s3_err,
 };
 use crate::config::MIN_PART_SIZE;
-use crate::layer::types::{CompletedPart, PendingUpload};
 use crate::store::error::Result;
 use crate::store::{ObjectStore, Progress, StoreError, UploadJournal, UploadReport, digest_of_key};
+use crate::types::{CompletedPart, PendingUpload};
 
 /// S3's limit on part numbers.
 pub(super) const MAX_PARTS: u64 = 10_000;

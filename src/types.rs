@@ -1,4 +1,7 @@
-//! Core types of the original design, kept API-compatible; `to_key` is now unambiguous.
+//! Identity, snapshot, sync-state and upload-journal types shared by [`crate::store`] and
+//! [`crate::layer`]. A leaf module: it depends on std, serde and
+//! chrono only, so no folder has to reach into another for them. Re-exported as
+//! [`crate::layer::types`] (the original path) and at the crate root.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,4 +1,5 @@
-//! Layer state: [`SyncState`] per identity and the multipart upload journal.
+//! The layer's journal on the state database: [`SyncState`] per identity and the multipart
+//! upload journal ([`UploadJournal`] for the object stores).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -9,9 +10,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Database, Migration, Result};
-use crate::layer::types::{CompletedPart, ContainerLayerId, PendingUpload, SyncState};
+use super::types::{CompletedPart, ContainerLayerId, PendingUpload, SyncState};
+use crate::state::{Database, Migration, StateError};
 use crate::store::{StoreError, UploadJournal};
+
+type Result<T> = std::result::Result<T, StateError>;
 
 /// Schema of the layer state database. Append only.
 pub static LAYER_MIGRATIONS: &[Migration] = &[Migration {
@@ -337,7 +340,7 @@ fn load_pending(c: &Connection, key: &str) -> rusqlite::Result<Option<PendingUpl
     .transpose()
 }
 
-fn journal_err(key: &str) -> impl FnOnce(super::StateError) -> StoreError + '_ {
+fn journal_err(key: &str) -> impl FnOnce(StateError) -> StoreError + '_ {
     move |e| StoreError::Journal {
         key: key.to_string(),
         source: Box::new(e),
@@ -457,6 +460,8 @@ fn insert_part(
 
 #[cfg(test)]
 mod tests {
+    use rusqlite::config::DbConfig;
+
     use super::*;
 
     fn upload(key: &str, id: &str, path: &str) -> PendingUpload {
@@ -621,53 +626,76 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_crash_in_a_child_process_keeps_committed_journal_entries() {
-        // The child commits an upload and a part, then dies without unwinding (no destructors,
-        // no WAL checkpoint); the parent must still see both.
+    /// A power cut right after the commits loses whatever no fsync covered (see
+    /// `state::powercut`). Every journal commit (an upload begun, its parts, a sequence number,
+    /// a sync state) must survive it, which holds only if each commit is synced: WAL with
+    /// `synchronous=FULL`. With NORMAL or OFF the commits are lost and this test fails.
+    #[tokio::test]
+    async fn committed_journal_entries_survive_a_power_cut() {
+        let vfs = crate::state::powercut::register();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sqlite");
-        let db = StateDb::open(&path).unwrap();
-        drop(db);
-        // SAFETY: fork in a test; the child only uses the already-open connection it creates
-        // after the fork and then calls _exit, never returning into the test harness.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let code = std::panic::catch_unwind(|| {
-                let db = StateDb::open(&path).unwrap();
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    db.begin_upload(&upload("c.tar.zst", "uc", "/s/c"))
-                        .await
-                        .unwrap();
-                    db.record_part("c.tar.zst", "uc", &part(1, "e1"))
-                        .await
-                        .unwrap();
-                });
-                std::mem::forget(rt);
-                std::mem::forget(db);
-                0
-            })
-            .unwrap_or(1);
-            // SAFETY: immediate process exit in the forked child, skipping all destructors.
-            unsafe { libc::_exit(code) };
+        let id = ContainerLayerId::new("svc", "0");
+        let mut state = SyncState::new(id.clone());
+        state.local_digest = Some("abc".into());
+        let unsynced = ContainerLayerId::new("svc", "unsynced");
+        {
+            let db = StateDb {
+                db: Database::open_with_vfs(&path, LAYER_MIGRATIONS, vfs).unwrap(),
+            };
+            db.begin_upload(&upload("c.tar.zst", "uc", "/s/c"))
+                .await
+                .unwrap();
+            db.record_part("c.tar.zst", "uc", &part(1, "e1"))
+                .await
+                .unwrap();
+            db.record_part("c.tar.zst", "uc", &part(2, "e2"))
+                .await
+                .unwrap();
+            assert_eq!(db.next_seq(&id).await.unwrap(), 1);
+            db.put_sync_state(&state).await.unwrap();
+            // The simulation must be able to lose data: a commit made without a sync is gone
+            // after the cut (asserted below).
+            db.database()
+                .call("turn syncing off", |c| {
+                    c.pragma_update(None, "synchronous", "OFF")
+                })
+                .await
+                .unwrap();
+            db.put_sync_state(&SyncState::new(unsynced.clone()))
+                .await
+                .unwrap();
+            // A crash runs no checkpoint at close: leave everything in the WAL.
+            db.database()
+                .call("keep the WAL at close", |c| {
+                    c.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+                        .map(drop)
+                })
+                .await
+                .unwrap();
         }
-        let mut status = 0;
-        // SAFETY: waiting for the child forked above.
-        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert_eq!(waited, pid);
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "child failed: {status}"
-        );
+        crate::state::powercut::cut(dir.path());
+
         let db = StateDb::open(&path).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let got = rt.block_on(db.load_upload("c.tar.zst")).unwrap().unwrap();
+        assert_eq!(
+            db.get_sync_state(&unsynced).await.unwrap(),
+            None,
+            "a commit without a sync survived: the power cut simulated nothing"
+        );
+        let got = db
+            .load_upload("c.tar.zst")
+            .await
+            .unwrap()
+            .expect("the begun upload was lost");
         assert_eq!(got.upload_id, "uc");
-        assert_eq!(got.completed_parts[&1], part(1, "e1"));
+        assert_eq!(got.completed_parts.len(), 2, "recorded parts were lost");
+        assert_eq!(got.completed_parts[&2], part(2, "e2"));
+        let got = db
+            .get_sync_state(&id)
+            .await
+            .unwrap()
+            .expect("sync state lost");
+        assert_eq!(got.local_digest.as_deref(), Some("abc"));
+        assert_eq!(db.next_seq(&id).await.unwrap(), 2, "sequence number lost");
     }
 }
