@@ -276,7 +276,10 @@ fn unrelated_start_not_stalled_by_large_restore() {
         ("zlayer without identity", &idle.zlayer, &during.zlayer),
     ] {
         let idle_median = median(idle);
-        let bound = (idle_median * 3).max(idle_median + Duration::from_millis(500));
+        // Noise on a small shared machine: the restore itself competes for CPU and disk. A
+        // start that waits for the restore takes about as long as the restore (tens of
+        // seconds here), far beyond this.
+        let bound = (idle_median * 4).max(idle_median + Duration::from_millis(1500));
         let during_median = (!during.is_empty()).then(|| median(during));
         let line = format!(
             "unrelated ctr run --rm on {name}: idle median {} ms {:?}; during the {mb} MiB restore \
@@ -461,12 +464,14 @@ fn unreachable_containerd_fails_closed() {
         describe_run(&out),
         store_keys(&storage)
     );
+    // The identity is in the container's labels, which could not be read: the refusal names
+    // the container whose lookup failed and the cause.
     let failed_closed = !out.status.success()
         && stderr.to_lowercase().contains("unavailable")
-        && stderr.contains("lbl/0");
+        && stderr.contains("/c1");
     assert!(
         failed_closed && after.as_deref() == Some(digest.as_str()),
-        "with containerd unreachable, c1 {} (must fail with Unavailable naming lbl/0), and the \
+        "with containerd unreachable, c1 {} (must fail with Unavailable naming c1), and the \
          stored layer of lbl/0 is {after:?} (must still be {digest})\n{}\nsnapshotter log:\n{}",
         if out.status.success() {
             "started"

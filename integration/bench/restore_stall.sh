@@ -68,7 +68,7 @@ done
 out=$BENCH_DIR/out
 mkdir -p "$out"
 restoring() {
-    compgen -G "$Z/staging/tmp/restore-*" >/dev/null &&
+    compgen -G "$Z/staging/tmp/restore*" >/dev/null &&
         ! grep -q 'layer restored' "$Z/snapshotter.log" && [[ ! -e $out/started ]]
 }
 t_spawn=$(now_ns)

@@ -374,14 +374,14 @@ impl SnapshotterDaemon {
         self.dir.join("staging")
     }
 
-    /// Download spools of restores in progress (`restore-*` in the staging dir's `tmp/`): a
+    /// Download spools of restores in progress (`restore*` in the staging dir's `tmp/`): a
     /// restore from the store is running while one exists.
     pub fn restore_spools(&self) -> Vec<PathBuf> {
         fs::read_dir(self.staging_dir().join("tmp"))
             .map(|entries| {
                 entries
                     .flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("restore-"))
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("restore"))
                     .map(|e| e.path())
                     .collect()
             })
