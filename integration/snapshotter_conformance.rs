@@ -155,8 +155,11 @@ impl Daemon {
     fn start(dir: &Path) -> Self {
         let config = dir.join("zlayer.toml");
         // The layer store, staging dir and state DB (opened for persistence) stay inside dir.
+        // No containerd runs here: identities come only from snapshot labels, or every Mounts
+        // of a container-like key would fail closed on the lookup.
         let storage = format!(
-            "[storage]\nlocal_store_dir = {:?}\nstaging_dir = {:?}\nstate_db_path = {:?}\n",
+            "[storage]\nlocal_store_dir = {:?}\nstaging_dir = {:?}\nstate_db_path = {:?}\n\
+             [snapshotter]\ncontainer_lookup = false\n",
             dir.join("store"),
             dir.join("staging"),
             dir.join("state.sqlite")
