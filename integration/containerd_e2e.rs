@@ -39,7 +39,7 @@ const EXPECTED_STATE: &str = "hello\ncfg\nnew\nkeep me\n600\n/data/new.txt\nn\nm
 
 /// Garage-backed storage under a prefix unique to this test; `None` when Garage is missing and
 /// the opt-out is set (see `util::require`).
-fn garage_storage(test: &str) -> Option<LayerStorageConfig> {
+pub(crate) fn garage_storage(test: &str) -> Option<LayerStorageConfig> {
     crate::util::garage::garage_or_skip(test).map(|g| g.config(test))
 }
 
@@ -116,13 +116,24 @@ fn run_kept(
 /// `ctr run --rm` through `snapshotter`, with the command's stdout also written to a host dir
 /// bind-mounted into the container, which is what is returned: ctr 1.6 can drop a task's
 /// stdout (see [`run_kept`]), and a `--rm` container leaves no upper dir to read it from.
-fn run_rm(
+pub(crate) fn run_rm(
     c: &Containerd,
     snapshotter: &str,
     identity: Option<&str>,
     id: &str,
     command: &str,
 ) -> String {
+    try_run_rm(c, snapshotter, identity, id, command).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run_rm`], returning a failed run (or one that wrote no result) as its description.
+pub(crate) fn try_run_rm(
+    c: &Containerd,
+    snapshotter: &str,
+    identity: Option<&str>,
+    id: &str,
+    command: &str,
+) -> Result<String, String> {
     let out_dir = tempfile::Builder::new()
         .prefix("zl-out-")
         .tempdir()
@@ -146,24 +157,22 @@ fn run_rm(
     }
     args.extend([IMAGE_REF, id, "/bin/sh", "-c", &script]);
     let out = c.ctr(&args);
-    assert!(
-        out.status.success(),
-        "ctr run {id} failed:\n{}",
-        describe_run(&out)
-    );
+    if !out.status.success() {
+        return Err(format!("ctr run {id} failed:\n{}", describe_run(&out)));
+    }
     let result = fs::read_to_string(out_dir.path().join("result"))
-        .unwrap_or_else(|e| panic!("{id} wrote no result: {e}\n{}", describe_run(&out)));
+        .map_err(|e| format!("{id} wrote no result: {e}\n{}", describe_run(&out)))?;
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
         result.starts_with(&*printed),
         "{id} printed something else than it wrote ({result:?}):\n{}",
         describe_run(&out)
     );
-    result
+    Ok(result)
 }
 
 /// A `ctr` run's whole outcome, for failure messages.
-fn describe_run(out: &std::process::Output) -> String {
+pub(crate) fn describe_run(out: &std::process::Output) -> String {
     format!(
         "status: {}\nstdout: {:?}\nstderr: {:?}",
         out.status,
@@ -173,7 +182,7 @@ fn describe_run(out: &std::process::Output) -> String {
 }
 
 /// The hash in `sha256sum PATH`'s output, which must be exactly `<64 hex>  PATH\n`.
-fn sha256sum_line<'a>(output: &'a str, path: &str) -> Option<&'a str> {
+pub(crate) fn sha256sum_line<'a>(output: &'a str, path: &str) -> Option<&'a str> {
     let line = output.strip_suffix('\n')?;
     let (hash, rest) = line.split_once("  ")?;
     (rest == path
@@ -185,7 +194,7 @@ fn sha256sum_line<'a>(output: &'a str, path: &str) -> Option<&'a str> {
 }
 
 /// The upper dir of an active snapshot, from `ctr snapshots mounts` (layout independent).
-fn upper_dir(c: &Containerd, key: &str) -> PathBuf {
+pub(crate) fn upper_dir(c: &Containerd, key: &str) -> PathBuf {
     let out = c.ctr_ok(&[
         "snapshots",
         "--snapshotter",
@@ -240,7 +249,7 @@ fn wait_durable_report(
     }
 }
 
-fn sha256_file(path: &Path) -> String {
+pub(crate) fn sha256_file(path: &Path) -> String {
     let mut hasher = Sha256::new();
     let mut f = fs::File::open(path).unwrap();
     std::io::copy(&mut f, &mut hasher).unwrap();

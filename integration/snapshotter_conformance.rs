@@ -12,9 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use zlayer_storage::proto::snapshots as pb;
 use zlayer_storage::proto::snapshots::snapshots_client::SnapshotsClient;
 
@@ -165,8 +164,11 @@ impl Daemon {
     fn start(dir: &Path) -> Self {
         let config = dir.join("zlayer.toml");
         // The layer store, staging dir and state DB (opened for persistence) stay inside dir.
+        // No containerd runs here: identities come only from snapshot labels, or every Mounts
+        // of a container-like key would fail closed on the lookup.
         let storage = format!(
-            "[storage]\nlocal_store_dir = {:?}\nstaging_dir = {:?}\nstate_db_path = {:?}\n",
+            "[storage]\nlocal_store_dir = {:?}\nstaging_dir = {:?}\nstate_db_path = {:?}\n\
+             [snapshotter]\ncontainer_lookup = false\n",
             dir.join("store"),
             dir.join("staging"),
             dir.join("state.sqlite")
@@ -224,20 +226,7 @@ impl Daemon {
     }
 
     async fn client(&self) -> SnapshotsClient<Channel> {
-        let socket = self.socket.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
-        SnapshotsClient::new(channel)
+        crate::util::containerd::snapshots_client(&self.socket).await
     }
 }
 

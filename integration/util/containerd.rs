@@ -6,6 +6,7 @@
 //! the host's containerd; shim sockets are keyed by our socket path. Drop kills tasks, containerd,
 //! leftover shims, and unmounts whatever is still mounted under the temp dir.
 
+mod client;
 mod procs;
 mod snapshotter;
 
@@ -15,6 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use client::snapshots_client;
 pub use procs::{mounts_under, unmount_under, wait_until};
 pub use snapshotter::{
     SnapshotterDaemon, SnapshotterOptions, store_keys, tail, uploads_in_progress,

@@ -6,7 +6,7 @@
 //!
 //! | Hook | Called | Lock | May block on S3? | Failure |
 //! |---|---|---|---|---|
-//! | [`on_prepare`](PersistenceHooks::on_prepare) | after a new Active/View is recorded and its directory is in place | none of ours, but containerd 1.6/1.7 call Prepare inside their metadata write transaction | **no**: record, then start slow work in the background | the snapshot is removed again and Prepare fails with the hook's error |
+//! | [`on_prepare`](PersistenceHooks::on_prepare) | after a new Active/View is recorded and its directory is in place | none of ours, but containerd holds its snapshotter lock (which its GC takes exclusively), and may hold its metadata write transaction | **no**: record, then start slow work in the background | the snapshot is removed again and Prepare fails with the hook's error |
 //! | [`on_mounts`](PersistenceHooks::on_mounts) | on every Mounts of an Active/View, before replying | none (containerd holds no lock) | yes: waits for the restore the Prepare started, or restores after a restart | Mounts fails with the hook's error |
 //! | [`on_commit`](PersistenceHooks::on_commit) | inside the metadata transaction, after usage is measured, before it commits | metadata | **no**: containerd holds its own write transaction | the commit is rolled back |
 //! | [`on_remove`](PersistenceHooks::on_remove) | inside the metadata transaction, before the record's deletion commits | metadata | **no**: containerd's GC lock is held | the record stays; the error is returned |
@@ -137,7 +137,7 @@ pub trait PersistenceHooks: Send + Sync + Debug {
         Ok(())
     }
 
-    /// A snapshot was created. containerd may hold its metadata transaction: record what is
+    /// A snapshot was created. containerd holds its snapshotter lock: record what is
     /// needed and start slow work (a restore) in the background; never wait for a store.
     fn on_prepare(&self, event: &SnapshotEvent<'_>) -> Result<()> {
         let _ = event;

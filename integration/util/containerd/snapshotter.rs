@@ -160,6 +160,12 @@ pub struct SnapshotterOptions {
     pub storage: LayerStorageConfig,
     pub persist: PersistPolicy,
     pub on_base_change: OnBaseChange,
+    /// Extra `[snapshotter]` keys written verbatim into both configs (daemon and CLI), e.g.
+    /// `restore_timeout_secs` or `container_lookup`.
+    pub snapshotter_extra: toml::Table,
+    /// `[snapshotter] containerd_address` to write instead of the node's real containerd socket
+    /// (e.g. a path where nothing listens).
+    pub containerd_address: Option<PathBuf>,
 }
 
 impl SnapshotterOptions {
@@ -169,7 +175,23 @@ impl SnapshotterOptions {
             storage,
             persist: PersistPolicy::default(),
             on_base_change: OnBaseChange::default(),
+            snapshotter_extra: toml::Table::new(),
+            containerd_address: None,
         }
+    }
+
+    /// Adds a `[snapshotter]` key that [`Config`] may not know (yet); see `snapshotter_extra`.
+    #[must_use]
+    pub fn with_snapshotter_key(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.snapshotter_extra.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Points the daemon at `address` instead of the node's containerd.
+    #[must_use]
+    pub fn with_containerd_address(mut self, address: &Path) -> Self {
+        self.containerd_address = Some(address.to_path_buf());
+        self
     }
 
     /// A local-directory store at `dir`, with 5 MiB parts.
@@ -229,23 +251,33 @@ impl SnapshotterDaemon {
         s.state_db_path = self.state_db_path();
         cfg.snapshotter.root = self.root();
         cfg.snapshotter.socket = self.socket.clone();
-        cfg.snapshotter.containerd_address = containerd_address.to_path_buf();
+        cfg.snapshotter.containerd_address = self
+            .options
+            .containerd_address
+            .clone()
+            .unwrap_or_else(|| containerd_address.to_path_buf());
         cfg.snapshotter.persist = self.options.persist;
         cfg.snapshotter.on_base_change = self.options.on_base_change;
-        fs::write(
-            &self.config_path,
-            toml::to_string(&cfg).expect("serialize config"),
-        )
-        .expect("write config");
+        fs::write(&self.config_path, self.config_text(&cfg)).expect("write config");
 
         // The CLI gets its own state DB and staging dir so it never contends with the daemon.
         cfg.storage.staging_dir = self.dir.join("cli-staging");
         cfg.storage.state_db_path = self.dir.join("cli-state.sqlite");
-        fs::write(
-            &self.cli_config_path,
-            toml::to_string(&cfg).expect("serialize config"),
-        )
-        .expect("write cli config");
+        fs::write(&self.cli_config_path, self.config_text(&cfg)).expect("write cli config");
+    }
+
+    /// `cfg` as TOML, with [`SnapshotterOptions::snapshotter_extra`] merged into `[snapshotter]`.
+    fn config_text(&self, cfg: &Config) -> String {
+        let mut table = toml::Table::try_from(cfg).expect("config as a TOML table");
+        let section = table
+            .entry("snapshotter")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("[snapshotter] is a table");
+        for (key, value) in &self.options.snapshotter_extra {
+            section.insert(key.clone(), value.clone());
+        }
+        toml::to_string(&table).expect("serialize config")
     }
 
     /// Starts the daemon process on the existing config and waits for its socket.
@@ -340,6 +372,33 @@ impl SnapshotterDaemon {
     /// Staging dir (`[storage] staging_dir`).
     pub fn staging_dir(&self) -> PathBuf {
         self.dir.join("staging")
+    }
+
+    /// Download spools of restores in progress (`restore*` in the staging dir's `tmp/`): a
+    /// restore from the store is running while one exists.
+    pub fn restore_spools(&self) -> Vec<PathBuf> {
+        fs::read_dir(self.staging_dir().join("tmp"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("restore"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many restores from the store finished so far (the manager's "layer restored" line).
+    pub fn restores_finished(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("layer restored"))
+            .count()
+    }
+
+    /// The socket containerd dials.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// Everything the daemon logged so far (across restarts).

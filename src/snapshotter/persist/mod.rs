@@ -2,7 +2,7 @@
 //! after they are removed, through [`crate::layer::LayerSyncManager`].
 //!
 //! [`Persistence`] plugs into the snapshotter core as its [`PersistenceHooks`]:
-//! - **Prepare** (no store I/O: containerd calls it inside its metadata transaction): record
+//! - **Prepare** (no store I/O: containerd calls it under its snapshotter lock): record
 //!   the identity the snapshot label asks for, move the empty upper aside and start the restore
 //!   in the background ([`jobs`]).
 //! - **Mounts** ([`identity`], [`jobs`], [`restore`]): resolve container-label identities by
@@ -258,7 +258,7 @@ impl Persistence {
     }
 
     /// Records a new candidate snapshot at Prepare (no store I/O: containerd holds its
-    /// metadata transaction): the identity its labels ask for, if any, with the empty upper
+    /// snapshotter lock): the identity its labels ask for, if any, with the empty upper
     /// moved aside and the restore started in the background.
     fn prepare(&self, event: &SnapshotEvent<'_>) -> Result<()> {
         let Some(bkey) = identity::candidate(event.kind, event.backend_key) else {
