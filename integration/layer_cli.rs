@@ -169,7 +169,7 @@ fn round_trip(a: &Node, b: &Node) {
     assert_eq!(describe_tree(&upper), describe_tree(&target2));
 
     let status = json_ok(&a.run(&["status", "--json"]));
-    let states = status.as_array().unwrap();
+    let states = status["layers"].as_array().unwrap();
     assert_eq!(states.len(), 1);
     assert_eq!(states[0]["remote_digest"], changed["digest"]);
     let text = a.run(&["status"]);
