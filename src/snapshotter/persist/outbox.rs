@@ -237,7 +237,8 @@ pub fn read_marker(dir: &Path) -> Result<Option<Marker>> {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// fsync of a directory (for renames in and out of it); the test failpoint can fail it.
+pub(super) fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(test)]
     if failpoint::should_fail(dir) {
         return Err(PersistError::io("fsync", dir)(std::io::Error::other(

@@ -18,6 +18,7 @@ use crate::layer::types::ContainerLayerId;
 use super::error::{PersistError, Result, is_store_fault};
 use super::identity::describe_base;
 use super::jobs::pending_of;
+use super::outbox::sync_dir;
 use super::{Attached, Persistence, db, hold};
 
 impl Persistence {
@@ -34,15 +35,15 @@ impl Persistence {
         upper: &Path,
     ) -> Result<()> {
         let pending = hide_upper(att, key, id, upper)?;
-        let restored = self.restore_layer(att, key, id, base, upper)?;
-        if restored {
-            std::fs::remove_dir(&pending).map_err(PersistError::io("remove", &pending))?;
+        if self.restore_layer(att, key, id, base, upper)? {
+            // The extraction's swap fsynced the parent with `fs` in it; a leftover empty
+            // `fs.pending` after a crash is harmless once the snapshot is marked restored.
+            std::fs::remove_dir(&pending).map_err(PersistError::io("remove", &pending))
         } else {
             std::fs::rename(&pending, upper)
                 .map_err(PersistError::io("rename into place", &pending))?;
+            sync_dir(upper.parent().unwrap_or(upper))
         }
-        let parent = upper.parent().unwrap_or(upper);
-        sync_dir(parent)
     }
 
     /// Fills the absent `upper`; false when there was nothing to restore (or the policy said
@@ -204,6 +205,7 @@ pub(super) fn hide_upper(
     upper: &Path,
 ) -> Result<PathBuf> {
     let pending = pending_of(upper);
+    let mut changed = true;
     if exists(upper) {
         if exists(&pending) {
             // A restore swapped its tree in but died before marking it restored; nothing has
@@ -225,13 +227,12 @@ pub(super) fn hide_upper(
         std::fs::create_dir(&pending).map_err(PersistError::io("create", &pending))?;
         std::fs::set_permissions(&pending, std::fs::Permissions::from_mode(0o755))
             .map_err(PersistError::io("set mode of", &pending))?;
+    } else {
+        // Already hidden (by Prepare, or by an earlier attempt): nothing to write back.
+        changed = false;
     }
-    sync_dir(upper.parent().unwrap_or(upper))?;
+    if changed {
+        sync_dir(upper.parent().unwrap_or(upper))?;
+    }
     Ok(pending)
-}
-
-pub(super) fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(PersistError::io("fsync", dir))
 }
