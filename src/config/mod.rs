@@ -41,6 +41,9 @@ pub enum ConfigError {
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
+mod snapshotter;
+pub use snapshotter::{MetricsConfig, OnBaseChange, PersistPolicy, SnapshotterConfig};
+
 /// Which object store backs the layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -109,6 +112,12 @@ pub struct LayerStorageConfig {
     pub max_expansion_ratio: u64,
     /// Retries for transient S3 failures.
     pub max_retries: u32,
+    /// Versions of each identity's layer kept (current included); older ones are dropped from
+    /// the manifest and their blobs collected by `gc`.
+    pub history_keep: usize,
+    /// `gc` deletes a blob no manifest references only when it is older than this, so a sync
+    /// in flight on another node (blob uploaded, manifest not yet moved) is never hit.
+    pub gc_grace_secs: u64,
 }
 
 impl Default for LayerStorageConfig {
@@ -136,6 +145,8 @@ impl Default for LayerStorageConfig {
             max_restore_bytes: 256 * 1024 * 1024 * 1024,
             max_expansion_ratio: 2000,
             max_retries: 8,
+            history_keep: 5,
+            gc_grace_secs: 24 * 3600,
         }
     }
 }
@@ -175,6 +186,13 @@ impl LayerStorageConfig {
             && sse != "aws:kms"
         {
             return Err(invalid("sse", sse, "must be \"AES256\" or \"aws:kms\""));
+        }
+        if self.history_keep == 0 {
+            return Err(invalid(
+                "history_keep",
+                0,
+                "must be at least 1 (the current version)",
+            ));
         }
         if self.max_expansion_ratio == 0 {
             return Err(invalid("max_expansion_ratio", 0, "must be at least 1"));
@@ -236,6 +254,8 @@ storage_env_overrides! {
     max_restore_bytes => "ZLAYER_STORAGE_MAX_RESTORE_BYTES",
     max_expansion_ratio => "ZLAYER_STORAGE_MAX_EXPANSION_RATIO",
     max_retries => "ZLAYER_STORAGE_MAX_RETRIES",
+    history_keep => "ZLAYER_STORAGE_HISTORY_KEEP",
+    gc_grace_secs => "ZLAYER_STORAGE_GC_GRACE_SECS",
 }
 
 /// A `[storage]` value parsed from its environment variable `var`.
@@ -296,86 +316,6 @@ impl<T: FromEnv> FromEnv for Option<T> {
     }
 }
 
-/// Which container snapshots get persisted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum PersistPolicy {
-    /// Only snapshots with an explicit `zlayer.id` (snapshot label or container label).
-    #[default]
-    Labeled,
-    /// Labeled ones plus containers with a name (`nerdctl/name`).
-    Named,
-    /// Every container snapshot; unlabeled ones are keyed `<namespace>/<container id>`.
-    All,
-}
-
-/// What to do when a restored layer was recorded on a different base (parent chain).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum OnBaseChange {
-    /// Restore anyway (the layer is a diff; it applies over any base), and log it.
-    #[default]
-    Restore,
-    /// Start with an empty upper dir, and log it.
-    Skip,
-    /// Refuse the Prepare/Mounts.
-    Fail,
-}
-
-/// Proxy snapshotter settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SnapshotterConfig {
-    /// Snapshot directories, metadata and the outbox live here.
-    pub root: PathBuf,
-    /// Unix socket containerd dials (`[proxy_plugins.zlayer] address`).
-    pub socket: PathBuf,
-    /// containerd's socket, for container-label lookups and events.
-    pub containerd_address: PathBuf,
-    /// What gets persisted.
-    pub persist: PersistPolicy,
-    /// Behaviour when a layer's recorded base differs from the new container's base.
-    pub on_base_change: OnBaseChange,
-    /// How long Mounts waits for a container's layer to be restored before failing
-    /// (`Unavailable`; the restore goes on and a retried Mounts waits for the same one).
-    pub restore_timeout_secs: u64,
-    /// Ask containerd for container labels (`zlayer.id`, nerdctl names). `false` for
-    /// deployments that name identities only with snapshot labels: containerd is never asked,
-    /// so its reachability does not matter.
-    pub container_lookup: bool,
-}
-
-impl SnapshotterConfig {
-    /// Checks ranges and cross-field rules; names the offending key.
-    pub fn validate(&self) -> Result<()> {
-        if self.restore_timeout_secs == 0 {
-            return Err(invalid("restore_timeout_secs", 0, "must be at least 1"));
-        }
-        if !self.container_lookup && self.persist == PersistPolicy::Named {
-            return Err(invalid(
-                "container_lookup",
-                false,
-                "persist = \"named\" needs container names, which only containerd can tell",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Default for SnapshotterConfig {
-    fn default() -> Self {
-        Self {
-            root: PathBuf::from("/var/lib/zlayer-storage"),
-            socket: PathBuf::from("/run/zlayer-storage/snapshotter.sock"),
-            containerd_address: PathBuf::from("/run/containerd/containerd.sock"),
-            persist: PersistPolicy::Labeled,
-            on_base_change: OnBaseChange::Restore,
-            restore_timeout_secs: 600,
-            container_lookup: true,
-        }
-    }
-}
-
 /// Log output settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -393,6 +333,7 @@ pub struct Config {
     pub storage: LayerStorageConfig,
     pub snapshotter: SnapshotterConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Config {
@@ -418,6 +359,7 @@ impl Config {
         cfg.storage.apply_env(env)?;
         cfg.storage.validate()?;
         cfg.snapshotter.validate()?;
+        cfg.metrics.validate()?;
         Ok(cfg)
     }
 }
@@ -535,6 +477,8 @@ mod tests {
         ("ZLAYER_STORAGE_MAX_RESTORE_BYTES", "1024", "1024"),
         ("ZLAYER_STORAGE_MAX_EXPANSION_RATIO", "50", "50"),
         ("ZLAYER_STORAGE_MAX_RETRIES", "1", "1"),
+        ("ZLAYER_STORAGE_HISTORY_KEEP", "9", "9"),
+        ("ZLAYER_STORAGE_GC_GRACE_SECS", "60", "60"),
     ];
 
     fn as_json(c: &LayerStorageConfig) -> serde_json::Map<String, serde_json::Value> {
