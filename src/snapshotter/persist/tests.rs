@@ -18,7 +18,7 @@ use crate::archive::XattrNs;
 use crate::config::{OnBaseChange, PersistPolicy};
 use crate::layer::types::ContainerLayerId;
 use crate::layer::{LayerSyncManager, SyncOptions};
-use crate::snapshotter::containers::{ContainerLookup, ContainerRecord, LookupError};
+use crate::snapshotter::containers::{ContainerLookup, ContainerRecord, LookupError, TaskStatus};
 use crate::snapshotter::{Labels, Mount, SnapshotError, Snapshotter};
 use crate::store::{
     ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
@@ -149,6 +149,8 @@ impl ObjectStore for Gate {
 #[derive(Debug, Default)]
 struct FakeContainers {
     records: Mutex<HashMap<(String, String), ContainerRecord>>,
+    /// Task states; absent entries have no task.
+    tasks: Mutex<HashMap<(String, String), TaskStatus>>,
     down: AtomicBool,
     calls: AtomicUsize,
 }
@@ -186,6 +188,22 @@ impl ContainerLookup for FakeContainers {
             .unwrap()
             .get(&(namespace.to_string(), id.to_string()))
             .cloned())
+    }
+
+    async fn task_status(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LookupError::Timeout {
+                namespace: namespace.to_string(),
+                id: id.to_string(),
+            });
+        }
+        Ok(self
+            .tasks
+            .lock()
+            .unwrap()
+            .get(&(namespace.to_string(), id.to_string()))
+            .copied()
+            .unwrap_or(TaskStatus::Absent))
     }
 }
 
