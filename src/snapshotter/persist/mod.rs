@@ -31,6 +31,8 @@ mod status;
 mod worker;
 
 #[cfg(test)]
+mod flush_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
