@@ -3,6 +3,7 @@
 //! answers the poststop hook's one-line JSON protocol ([`line`]), told apart from gRPC by the
 //! first byte, so the hook needs no HTTP/2 stack.
 
+pub mod client;
 mod error;
 pub mod line;
 mod server;
