@@ -53,7 +53,7 @@ pub fn run(config: Option<&Path>, verbose: u8, command: &HookCommand) -> u8 {
     let wait = Duration::from_secs(args.wait.unwrap_or(0));
     match hook::poststop(&state, &socket, wait) {
         Ok(Outcome::SkippedSandbox) => {}
-        Ok(Outcome::Answered { response, .. }) => report(&who, &response, wait, verbose),
+        Ok(Outcome::Answered(response)) => report(&who, &response, wait, verbose),
         Err(e) => {
             debug_assert!(!e.is_invocation_error());
             say(&format!(
@@ -89,16 +89,19 @@ fn report(who: &str, response: &FlushResponse, wait: Duration, verbose: u8) {
             code.as_str()
         ),
         _ if verbose == 0 => return,
-        FlushResponse::Queued {
-            request_id,
-            identity,
-        } => format!("container {who}: flush of {identity} queued (request {request_id})"),
+        FlushResponse::Queued { identity, .. } => format!(
+            "container {who}: flush of {} queued",
+            identity.as_deref().unwrap_or("its layer")
+        ),
         FlushResponse::Durable {
             identity,
             digest,
             seq,
             ..
-        } => format!("container {who}: layer of {identity} durable (seq {seq}, {digest})"),
+        } => format!(
+            "container {who}: {} durable (seq {seq}, {digest})",
+            identity.as_deref().unwrap_or("its layer")
+        ),
         FlushResponse::NotPersisted => format!("container {who}: not persisted, nothing to flush"),
     };
     say(&line);

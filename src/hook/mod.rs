@@ -42,11 +42,8 @@ const WAIT_SLACK: Duration = Duration::from_secs(1);
 pub enum Outcome {
     /// A pod sandbox: nothing sent.
     SkippedSandbox,
-    /// The daemon answered `response` to `request` (which may be an error answer).
-    Answered {
-        request: FlushRequest,
-        response: FlushResponse,
-    },
+    /// The daemon's answer (which may be an error answer).
+    Answered(FlushResponse),
 }
 
 /// The flush request for the container in `state`, with the upper dir found in `mountinfo`
@@ -95,7 +92,7 @@ pub fn poststop(state: &OciState, socket: &Path, wait: Duration) -> error::Resul
     };
     let stream = client::connect(socket, CONNECT_TIMEOUT)?;
     let response = client::exchange(stream, socket, &request, answer_timeout)?;
-    Ok(Outcome::Answered { request, response })
+    Ok(Outcome::Answered(response))
 }
 
 #[cfg(test)]

@@ -106,12 +106,16 @@ impl ErrorCode {
 /// Daemon → client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FlushResponse {
-    /// Recorded durably: a daemon crash after this still flushes at restart.
-    Queued { request_id: u64, identity: String },
+    /// Recorded durably: a daemon crash after this still flushes at restart. `request_id` is
+    /// absent when the request joined one already queued (coalesced).
+    Queued {
+        request_id: Option<u64>,
+        identity: Option<String>,
+    },
     /// The layer is in the store.
     Durable {
-        request_id: u64,
-        identity: String,
+        request_id: Option<u64>,
+        identity: Option<String>,
         digest: String,
         seq: u64,
     },
@@ -193,21 +197,24 @@ pub fn encode_request(request: &FlushRequest) -> Vec<u8> {
 /// Parses one response line (with or without its `\n`).
 pub fn parse_response(line: &[u8]) -> Result<FlushResponse, WireError> {
     let line = strip_line(line)?;
-    let raw: RawResponse = serde_json::from_slice(line).map_err(WireError::Response)?;
-    let missing = |field| WireError::MissingField { ok: raw.ok, field };
-    if !raw.ok {
+    let RawResponse {
+        ok,
+        state,
+        request_id,
+        identity,
+        digest,
+        seq,
+        code,
+        error,
+    } = serde_json::from_slice(line).map_err(WireError::Response)?;
+    let missing = |field| WireError::MissingField { ok, field };
+    if !ok {
         return Ok(FlushResponse::Error {
-            code: raw.code.ok_or_else(|| missing("code"))?,
-            error: raw.error.unwrap_or_default(),
+            code: code.ok_or_else(|| missing("code"))?,
+            error: error.unwrap_or_default(),
         });
     }
-    let state = raw.state.ok_or_else(|| missing("state"))?;
-    if state == AnswerState::NotPersisted {
-        return Ok(FlushResponse::NotPersisted);
-    }
-    let request_id = raw.request_id.ok_or_else(|| missing("request_id"))?;
-    let identity = raw.identity.clone().ok_or_else(|| missing("identity"))?;
-    Ok(match state {
+    Ok(match state.ok_or_else(|| missing("state"))? {
         AnswerState::Queued => FlushResponse::Queued {
             request_id,
             identity,
@@ -215,8 +222,8 @@ pub fn parse_response(line: &[u8]) -> Result<FlushResponse, WireError> {
         AnswerState::Durable => FlushResponse::Durable {
             request_id,
             identity,
-            digest: raw.digest.clone().ok_or_else(|| missing("digest"))?,
-            seq: raw.seq.ok_or_else(|| missing("seq"))?,
+            digest: digest.ok_or_else(|| missing("digest"))?,
+            seq: seq.ok_or_else(|| missing("seq"))?,
         },
         AnswerState::NotPersisted => FlushResponse::NotPersisted,
     })
@@ -232,8 +239,8 @@ pub fn encode_response(response: &FlushResponse) -> Vec<u8> {
         } => RawResponse {
             ok: true,
             state: Some(AnswerState::Queued),
-            request_id: Some(request_id),
-            identity: Some(identity),
+            request_id,
+            identity,
             ..RawResponse::default()
         },
         FlushResponse::Durable {
@@ -244,8 +251,8 @@ pub fn encode_response(response: &FlushResponse) -> Vec<u8> {
         } => RawResponse {
             ok: true,
             state: Some(AnswerState::Durable),
-            request_id: Some(request_id),
-            identity: Some(identity),
+            request_id,
+            identity,
             digest: Some(digest),
             seq: Some(seq),
             ..RawResponse::default()
@@ -380,15 +387,22 @@ mod tests {
         let cases = [
             (
                 FlushResponse::Queued {
-                    request_id: 12,
-                    identity: "svc/inst".into(),
+                    request_id: Some(12),
+                    identity: Some("svc/inst".into()),
                 },
                 r#"{"ok":true,"state":"queued","request_id":12,"identity":"svc/inst"}"#,
             ),
             (
+                FlushResponse::Queued {
+                    request_id: None,
+                    identity: None,
+                },
+                r#"{"ok":true,"state":"queued"}"#,
+            ),
+            (
                 FlushResponse::Durable {
-                    request_id: 12,
-                    identity: "svc/inst".into(),
+                    request_id: Some(12),
+                    identity: Some("svc/inst".into()),
                     digest: "ab12".into(),
                     seq: 7,
                 },
@@ -434,7 +448,9 @@ mod tests {
             FlushResponse::NotPersisted
         );
         assert!(matches!(
-            parse_response(br#"{"ok":true,"state":"durable","request_id":1,"identity":"a/b"}"#),
+            parse_response(
+                br#"{"ok":true,"state":"durable","request_id":1,"identity":"a/b","seq":2}"#
+            ),
             Err(WireError::MissingField {
                 ok: true,
                 field: "digest"
