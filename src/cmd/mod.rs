@@ -12,6 +12,7 @@
 //!
 //! Errors are printed once, here, as one line with the whole cause chain.
 
+mod flush;
 mod gc;
 mod hook;
 mod progress;
@@ -87,6 +88,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             // Both handled above, before the runtime exists.
             Command::Version | Command::Hook(_) => Ok(exit::OK),
             Command::Snapshotter(args) => snapshotter::run(&config, &args).await,
+            Command::Flush(args) => flush::run(&config, args).await,
         }
     });
     match result {
