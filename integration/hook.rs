@@ -225,7 +225,7 @@ fn the_upper_dir_comes_from_the_overlay_mounted_at_the_rootfs() {
     for d in [&lower, &upper, &work] {
         std::fs::create_dir_all(d).unwrap();
     }
-    let mount = OverlayMount::new(&lower, &upper, &work, &b.join("rootfs"));
+    let mount = MountGuard::overlay(&lower, &upper, &work, &b.join("rootfs"));
     let socket = t.path().join("control.sock");
     let server = daemon(&socket, QUEUED, Duration::ZERO);
     let (out, _) = hook(
@@ -344,11 +344,12 @@ fn pod_sandboxes_are_skipped_without_connecting() {
     );
 }
 
-/// An overlay mount, detached on drop.
-struct OverlayMount(PathBuf);
+/// A mount point, detached on drop.
+pub(crate) struct MountGuard(pub(crate) PathBuf);
 
-impl OverlayMount {
-    fn new(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Self {
+impl MountGuard {
+    /// Mounts an overlay of `lower` with `upper` and `work` at `target`.
+    fn overlay(lower: &Path, upper: &Path, work: &Path, target: &Path) -> Self {
         let data = std::ffi::CString::new(format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.display(),
@@ -368,7 +369,7 @@ impl OverlayMount {
     }
 }
 
-impl Drop for OverlayMount {
+impl Drop for MountGuard {
     fn drop(&mut self) {
         let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
     }

@@ -7,6 +7,7 @@ mod archive_overlay;
 mod containerd_e2e;
 mod containerd_restore;
 mod hook;
+mod hook_runc;
 mod layer_cli;
 mod snapshotter_conformance;
 mod store_s3;
