@@ -94,7 +94,7 @@ fn flush_by_cli_and_hook_line_makes_a_stopped_containers_layer_durable() {
     // Not ours: not_persisted, not an error. Malformed: a clear error naming the problem.
     let other = hook_line(
         &d.control_socket(),
-        &serde_json::json!({"v": 1, "op": "flush", "namespace": "default",
+        &serde_json::json!({"v": 1, "op": "flush", "origin": "hook", "namespace": "default",
             "container_id": "nope", "upper": "/var/lib/elsewhere/1/fs", "status": "stopped"}),
     );
     assert_eq!(other["state"], "not_persisted", "{other}");

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const CHECKED: &[&str] = &[
     "archive",
     "config",
+    "control",
     "hook",
     "layer",
     "snapshotter",

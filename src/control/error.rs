@@ -1,5 +1,6 @@
 //! Errors of the control API and the one place they become gRPC codes and hook-line codes.
 
+use crate::hook::wire::ErrorCode;
 use crate::snapshotter::persist::PersistError;
 
 /// Everything a control call can fail with.
@@ -40,14 +41,14 @@ impl ControlError {
 
     /// The hook line protocol's `code` for this error.
     #[must_use]
-    pub fn line_code(&self) -> &'static str {
+    pub fn line_code(&self) -> ErrorCode {
         match self.code() {
-            tonic::Code::InvalidArgument => "invalid",
-            tonic::Code::NotFound => "not_found",
-            tonic::Code::FailedPrecondition | tonic::Code::Aborted => "failed_precondition",
-            tonic::Code::Unavailable => "unavailable",
-            tonic::Code::DeadlineExceeded => "timeout",
-            _ => "internal",
+            tonic::Code::InvalidArgument => ErrorCode::Invalid,
+            tonic::Code::NotFound => ErrorCode::NotFound,
+            tonic::Code::FailedPrecondition | tonic::Code::Aborted => ErrorCode::FailedPrecondition,
+            tonic::Code::Unavailable => ErrorCode::Unavailable,
+            tonic::Code::DeadlineExceeded => ErrorCode::Timeout,
+            _ => ErrorCode::Internal,
         }
     }
 }
