@@ -251,6 +251,8 @@ impl SnapshotterDaemon {
         s.state_db_path = self.state_db_path();
         cfg.snapshotter.root = self.root();
         cfg.snapshotter.socket = self.socket.clone();
+        // Never the default /run/zlayer-storage/control.sock: two test daemons would collide.
+        cfg.snapshotter.control_socket = self.control_socket();
         cfg.snapshotter.containerd_address = self
             .options
             .containerd_address
@@ -394,6 +396,11 @@ impl SnapshotterDaemon {
             .lines()
             .filter(|l| l.contains("layer restored"))
             .count()
+    }
+
+    /// The daemon's control socket (`[snapshotter] control_socket`), inside its dir.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
     }
 
     /// The socket containerd dials.
