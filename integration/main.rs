@@ -5,6 +5,7 @@
 mod archive_hostile;
 mod archive_overlay;
 mod containerd_e2e;
+mod containerd_events;
 mod containerd_restore;
 mod layer_cli;
 mod snapshotter_conformance;
