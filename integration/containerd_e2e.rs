@@ -218,7 +218,7 @@ pub(crate) fn upper_dir(c: &Containerd, key: &str) -> PathBuf {
 
 /// Waits until `identity`'s layer can be restored from the store by a separate CLI process
 /// (which proves it is durable there), and returns the restored upper dir.
-fn wait_durable(node: &Node, identity: &str, timeout: Duration) -> tempfile::TempDir {
+pub(crate) fn wait_durable(node: &Node, identity: &str, timeout: Duration) -> tempfile::TempDir {
     wait_durable_report(node, identity, timeout).0
 }
 

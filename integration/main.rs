@@ -5,6 +5,7 @@
 mod archive_hostile;
 mod archive_overlay;
 mod containerd_e2e;
+mod containerd_events;
 mod containerd_restore;
 mod control;
 mod hook;

@@ -165,10 +165,10 @@ impl Daemon {
         let config = dir.join("zlayer.toml");
         // The layer store, staging dir and state DB (opened for persistence) stay inside dir.
         // No containerd runs here: identities come only from snapshot labels, or every Mounts
-        // of a container-like key would fail closed on the lookup.
+        // of a container-like key would fail closed on the lookup; no events are watched.
         let storage = format!(
             "[storage]\nlocal_store_dir = {:?}\nstaging_dir = {:?}\nstate_db_path = {:?}\n\
-             [snapshotter]\ncontainer_lookup = false\ncontrol_socket = {:?}\n",
+             [snapshotter]\ncontainer_lookup = false\nwatch_events = false\ncontrol_socket = {:?}\n",
             dir.join("store"),
             dir.join("staging"),
             dir.join("state.sqlite"),

@@ -192,6 +192,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let _ = fs::remove_dir_all(runc_state);
     }
 
+    /// SIGKILLs the containerd process alone: its shims and tasks live on, as when containerd
+    /// crashes; [`Containerd::spawn`] starts it again on the same state.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Removes containerd's root and state (after [`Containerd::stop`]): a node that lost its disk.
     pub fn wipe(&mut self) {
         assert!(self.child.is_none(), "stop containerd before wiping it");

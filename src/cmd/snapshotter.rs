@@ -10,6 +10,7 @@ use zlayer_storage::Config;
 use zlayer_storage::LayerSyncManager;
 use zlayer_storage::control::{self, Control};
 use zlayer_storage::snapshotter::containers::ContainerdContainers;
+use zlayer_storage::snapshotter::events::{ContainerdEvents, WatchOptions, Watcher};
 use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
 use zlayer_storage::sys::overlay::OverlayFeatures;
@@ -47,10 +48,11 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
     .await
     .context("snapshotter start-up task failed")?
     .with_context(|| format!("cannot create snapshotter root {}", root.display()))?;
+    let containers = Arc::new(ContainerdContainers::new(&containerd));
     let persistence = Persistence::new(
         PersistOptions::from_config(&config.snapshotter, features),
         manager,
-        Arc::new(ContainerdContainers::new(&containerd)),
+        Arc::clone(&containers) as _,
         tokio::runtime::Handle::current(),
     );
 
@@ -87,6 +89,19 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         Arc::clone(&persistence),
         Duration::from_secs(config.snapshotter.flush_timeout_secs),
     );
+    let watcher = config.snapshotter.watch_events.then(|| {
+        let opts = WatchOptions {
+            exit_grace: Duration::from_secs(config.snapshotter.exit_grace_secs),
+        };
+        Watcher::new(
+            Arc::clone(&persistence),
+            Arc::clone(&containers) as _,
+            opts,
+            control.events_flag(),
+            stop.clone(),
+        )
+        .spawn(ContainerdEvents::new(containers.channel()))
+    });
     let control_stop = stop.clone();
     let control_path = control_socket.clone();
     let control_task = tokio::spawn(async move {
@@ -105,6 +120,11 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
     }
     if let Err(e) = flusher.await {
         tracing::warn!(error = %e, "flusher ended abnormally");
+    }
+    if let Some(watcher) = watcher
+        && let Err(e) = watcher.await
+    {
+        tracing::warn!(error = %e, "events watcher ended abnormally");
     }
     match control_task.await {
         Ok(Ok(())) => {}

@@ -10,12 +10,14 @@
 //!   the default [`hooks::NoPersistence`] behaves exactly like containerd's snapshotter.
 //! - [`persist::Persistence`] is the hooks implementation that keeps identified containers'
 //!   upper dirs in the object store; [`containers`] looks up container records in containerd.
+//! - [`events`] watches containerd's task events and flushes containers whose task stopped.
 //! - [`key::BackendKey`] parses the `<namespace>/<seq>/<name>` keys containerd sends, the only
 //!   reliable identity of a snapshot.
 
 pub mod containers;
 pub mod core;
 pub mod error;
+pub mod events;
 pub mod filter;
 mod fsops;
 pub mod hooks;

@@ -37,9 +37,12 @@ func StartDaemon(ctx context.Context, bin, dir string) (snapshots.Snapshotter, f
 	socket := filepath.Join(dir, "zlayer.sock")
 	config := filepath.Join(dir, "zlayer.toml")
 	// A private config keeps the run independent of /etc/zlayer/storage.toml, and the layer
-	// store, staging dir and state DB (opened for persistence) inside dir.
-	storage := fmt.Sprintf("[storage]\nlocal_store_dir = %q\nstaging_dir = %q\nstate_db_path = %q\n",
-		filepath.Join(dir, "store"), filepath.Join(dir, "staging"), filepath.Join(dir, "state.sqlite"))
+	// store, staging dir, state DB (opened for persistence) and control socket inside dir; no
+	// containerd runs here, so no events are watched.
+	storage := fmt.Sprintf("[storage]\nlocal_store_dir = %q\nstaging_dir = %q\nstate_db_path = %q\n"+
+		"[snapshotter]\nwatch_events = false\ncontrol_socket = %q\n",
+		filepath.Join(dir, "store"), filepath.Join(dir, "staging"), filepath.Join(dir, "state.sqlite"),
+		filepath.Join(dir, "control.sock"))
 	if err := os.WriteFile(config, []byte(storage), 0o600); err != nil {
 		return nil, nil, err
 	}

@@ -251,6 +251,7 @@ impl SnapshotterDaemon {
         s.state_db_path = self.state_db_path();
         cfg.snapshotter.root = self.root();
         cfg.snapshotter.socket = self.socket.clone();
+        // Never the default /run/zlayer-storage/control.sock: two test daemons would collide.
         cfg.snapshotter.control_socket = self.control_socket();
         cfg.snapshotter.containerd_address = self
             .options
@@ -397,15 +398,16 @@ impl SnapshotterDaemon {
             .count()
     }
 
+    /// The daemon's control socket (`[snapshotter] control_socket`), inside its dir.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
     /// The socket containerd dials.
     pub fn socket(&self) -> &Path {
         &self.socket
     }
 
-    /// The control socket (flush, status; the hook's protocol).
-    pub fn control_socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
-    }
 
     /// Everything the daemon logged so far (across restarts).
     pub fn log(&self) -> String {
