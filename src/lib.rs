@@ -6,10 +6,12 @@
 //! - [`layer`]: [`LayerSyncManager`], which syncs and restores a container identity's layer, and
 //!   its journal in the state database ([`layer::StateDb`]).
 //! - [`snapshotter`]: the containerd proxy snapshotter.
+//! - [`metrics`]: Prometheus metrics and the endpoint serving them.
 
 pub mod archive;
 pub mod config;
 pub mod layer;
+pub mod metrics;
 pub mod proto;
 pub mod snapshotter;
 pub mod state;
