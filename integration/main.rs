@@ -7,6 +7,7 @@ mod archive_overlay;
 mod containerd_e2e;
 mod containerd_restore;
 mod layer_cli;
+mod metrics_endpoint;
 mod snapshotter_conformance;
 mod store_s3;
 mod store_stream;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use zlayer_storage::Config;
 use zlayer_storage::LayerSyncManager;
+use zlayer_storage::metrics::MetricsServer;
 use zlayer_storage::snapshotter::containers::ContainerdContainers;
 use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
@@ -58,6 +59,8 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
             .await
             .context("snapshotter start-up task failed")?
             .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
+    let stop = CancellationToken::new();
+    let metrics = start_metrics(config, &stop).await?;
     tracing::info!(
         root = %root.display(),
         index_off = features.index_off,
@@ -70,15 +73,38 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         store = %persistence.manager().store().describe(),
         "snapshotter ready"
     );
-    let stop = CancellationToken::new();
     let worker = persistence.spawn_worker(stop.clone());
     let served = server::serve(Arc::new(core), &socket, shutdown_signal()).await;
     stop.cancel();
     if let Err(e) = worker.await {
         tracing::warn!(error = %e, "upload worker ended abnormally");
     }
+    if let Some(m) = metrics
+        && let Err(e) = m.await
+    {
+        tracing::warn!(error = %e, "metrics endpoint ended abnormally");
+    }
     served?;
     Ok(exit::OK)
+}
+
+/// Binds `[metrics] address` when set (a bad or busy address fails the start, naming it) and
+/// serves scrapes until `stop` is cancelled.
+async fn start_metrics(
+    config: &Config,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(address) = &config.metrics.address else {
+        return Ok(None);
+    };
+    let address = address
+        .parse()
+        .with_context(|| format!("[metrics] address {address:?} is not an ip:port"))?;
+    let server = MetricsServer::bind(address).await?;
+    tracing::info!(address = %server.local_addr(), "serving metrics at /metrics");
+    Ok(Some(tokio::spawn(
+        server.run(stop.clone().cancelled_owned()),
+    )))
 }
 
 /// Resolves on SIGTERM or SIGINT. If the handlers cannot be installed, only SIGINT via
