@@ -213,3 +213,67 @@ async fn binding_a_used_address_names_it() {
     let err = MetricsServer::bind(addr).await.unwrap_err();
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
+
+/// Every metric the shipped Grafana dashboard queries exists under that name.
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_that_exist() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging/grafana/zlayer-storage.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let dashboard: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 10, "too few queries found: {exprs:?}");
+
+    // A labelled histogram is only encoded once it has a series.
+    let m = Metrics::new();
+    m.flush_finished(Trigger::Api, Outcome::Durable, Duration::ZERO);
+    m.sync_finished(Trigger::Api, Duration::ZERO);
+    m.restore_finished(RestoreSource::Store, Duration::ZERO);
+    let families: Vec<String> = m
+        .encode(Format::Prometheus)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next().map(str::to_string))
+        .collect();
+    let mut used = std::collections::BTreeSet::new();
+    let metric_name = regex::Regex::new(r"zlayer_[a-z_]+").unwrap();
+    for expr in &exprs {
+        for name in metric_name.find_iter(expr) {
+            let name = name.as_str();
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| families.iter().any(|x| x == f))
+                .unwrap_or(name);
+            assert!(
+                families.iter().any(|f| f == family),
+                "the dashboard queries {name}, which is not a metric ({expr})"
+            );
+            used.insert(family.to_string());
+        }
+    }
+    let unused: Vec<&String> = families.iter().filter(|f| !used.contains(*f)).collect();
+    assert!(
+        unused.is_empty(),
+        "metrics missing from the dashboard: {unused:?}"
+    );
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match v {
+                    serde_json::Value::String(s) if k == "expr" => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
