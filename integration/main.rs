@@ -6,6 +6,7 @@ mod archive_hostile;
 mod archive_overlay;
 mod containerd_e2e;
 mod containerd_restore;
+mod control;
 mod layer_cli;
 mod metrics_endpoint;
 mod snapshotter_conformance;

@@ -35,6 +35,28 @@ pub enum Command {
     Version,
     /// Run the containerd proxy snapshotter.
     Snapshotter(Box<SnapshotterArgs>),
+    /// Ask the running daemon to sync a stopped container's layer to the store now.
+    Flush(FlushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FlushArgs {
+    /// A container id (in --namespace), or an identity SERVICE/INSTANCE.
+    pub target: String,
+    /// containerd namespace of a container id.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Wait until the layer is durable in the store, at most SECS (0 = the daemon's
+    /// flush_timeout_secs); without it, return once the request is recorded.
+    #[arg(long, value_name = "SECS")]
+    pub wait: Option<u64>,
+    /// Flush even if the container is running. The result is NOT crash-consistent: files
+    /// being written may be captured half-written, like a copy taken while they change.
+    #[arg(long)]
+    pub allow_running: bool,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,10 +6,12 @@
 //! - [`layer`]: [`LayerSyncManager`], which syncs and restores a container identity's layer, and
 //!   its journal in the state database ([`layer::StateDb`]).
 //! - [`snapshotter`]: the containerd proxy snapshotter.
+//! - [`control`]: the daemon's control API (flush, status, list, forget) and the hook's protocol.
 //! - [`metrics`]: Prometheus metrics and the endpoint serving them.
 
 pub mod archive;
 pub mod config;
+pub mod control;
 pub mod layer;
 pub mod metrics;
 pub mod proto;

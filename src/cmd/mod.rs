@@ -9,6 +9,7 @@
 //!
 //! Errors are printed once, here, as one line with the whole cause chain.
 
+mod flush;
 mod gc;
 mod progress;
 mod restore;
@@ -76,6 +77,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             Command::Gc => gc::run(&config).await,
             Command::Version => Ok(exit::OK),
             Command::Snapshotter(args) => snapshotter::run(&config, &args).await,
+            Command::Flush(args) => flush::run(&config, args).await,
         }
     });
     match result {
