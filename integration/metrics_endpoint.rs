@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -146,7 +147,7 @@ impl Snapshots {
 }
 
 #[test]
-fn daemon_serves_metrics_and_404_elsewhere_and_stops_serving_at_shutdown() {
+fn daemon_serves_metrics_counts_bad_hook_lines_and_stops_serving_at_shutdown() {
     let (_dir, addr, mut daemon) = start_daemon();
 
     let ok = get(addr, "/metrics");
@@ -175,6 +176,16 @@ fn daemon_serves_metrics_and_404_elsewhere_and_stops_serving_at_shutdown() {
         has_sample(body, r#"zlayer_errors_total{kind="store"}"#),
         "{body}"
     );
+
+    // A malformed hook line on the control socket counts as a hook protocol error.
+    let protocol = r#"zlayer_errors_total{kind="hook_protocol"}"#;
+    assert_eq!(sample(body, protocol), Some(0.0), "{body}");
+    let mut hook = UnixStream::connect(daemon.control_socket()).unwrap();
+    hook.write_all(b"{\"v\":9,\"op\":\"flush\"}\n").unwrap();
+    let mut answer = String::new();
+    hook.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("\"invalid\""), "{answer}");
+    assert_eq!(sample(&scrape(addr), protocol), Some(1.0));
 
     let missing = get(addr, "/");
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
@@ -240,10 +251,10 @@ fn daemon_refuses_to_start_on_a_busy_metrics_address_and_names_it() {
 }
 
 /// A removed snapshot's layer goes through the outbox to the store (the worker's sync, the
-/// uploaded bytes, the emptied outbox) and comes back in the next container (restore from the
-/// store, downloaded bytes).
+/// uploaded bytes, the emptied outbox), comes back in the next container (restore from the
+/// store, downloaded bytes), and a CLI flush of that one shows as a durable flush.
 #[test]
-fn a_removed_layer_and_its_restore_show_in_the_metrics() {
+fn remove_restore_and_flush_show_in_the_metrics() {
     let (_dir, addr, daemon) = start_daemon();
     let synced = r#"zlayer_sync_duration_seconds_count{trigger="remove"}"#;
     assert_eq!(sample(&scrape(addr), synced), None, "nothing synced yet");
@@ -292,5 +303,29 @@ fn a_removed_layer_and_its_restore_show_in_the_metrics() {
     assert!(
         sample(&after, "zlayer_download_bytes_total").is_some_and(|b| b > 0.0),
         "{after}"
+    );
+
+    // A CLI flush of the new container's changes (no containerd here to say it stopped).
+    std::fs::write(upper.join("more"), b"flushed\n").unwrap();
+    let out = daemon.cli(&["flush", "metrics/0", "--wait", "60", "--allow-running"]);
+    assert!(
+        out.status.success(),
+        "flush failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flushed = scrape(addr);
+    for (series, want) in [
+        (r#"zlayer_flush_requests_total{trigger="cli"}"#, 1.0),
+        (
+            r#"zlayer_flush_duration_seconds_count{trigger="cli",outcome="durable"}"#,
+            1.0,
+        ),
+        (r#"zlayer_errors_total{kind="flush"}"#, 0.0),
+    ] {
+        assert_eq!(sample(&flushed, series), Some(want), "{series}:\n{flushed}");
+    }
+    assert!(
+        sample(&flushed, "zlayer_last_successful_flush_timestamp_seconds").is_some_and(|t| t > 0.0),
+        "{flushed}"
     );
 }

@@ -83,6 +83,9 @@ pub async fn handle(control: &Control, stream: UnixStream) {
         ))),
         Ok(Ok(_)) => answer(control, &line).await,
     };
+    if response.code == Some("invalid") {
+        crate::metrics::error(crate::metrics::ErrorKind::HookProtocol);
+    }
     let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
     if let Err(e) = write.write_all(&out).await {

@@ -86,6 +86,12 @@ impl Trigger {
         Self::Remove,
     ];
 
+    /// The trigger named `name` (as [`Self::as_str`] spells it); `None` for any other name,
+    /// which callers count as [`Self::Api`] so a client cannot add label values.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Hook => "hook",
@@ -99,6 +105,15 @@ impl Trigger {
 }
 
 impl Outcome {
+    /// A successful flush: [`Self::Unchanged`] when nothing had to be uploaded.
+    pub fn succeeded(unchanged: bool) -> Self {
+        if unchanged {
+            Self::Unchanged
+        } else {
+            Self::Durable
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Durable => "durable",
@@ -234,7 +249,7 @@ impl Metrics {
         let r = &mut m.registry;
         r.register_with_unit(
             "flush_duration",
-            "Time from a flush request being taken up to its layer being durable (or the flush failing)",
+            "Time from a flush request being recorded to its layer being durable (or the flush failing), retries included",
             Unit::Seconds,
             m.flush_duration.clone(),
         );
@@ -403,7 +418,7 @@ pub fn set_outbox(queued: usize, dead: usize) {
     metrics().set_outbox(queued, dead);
 }
 
-/// `n` flushes are requested and not yet finished.
+/// `n` flush requests are recorded and not yet finished.
 pub fn set_flush_queue(n: usize) {
     metrics().flush_queue.set(to_gauge(n));
 }

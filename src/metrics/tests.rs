@@ -277,3 +277,14 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+#[test]
+fn trigger_names_round_trip_and_unknown_ones_are_refused() {
+    for t in Trigger::ALL {
+        assert_eq!(Trigger::from_name(t.as_str()), Some(t));
+    }
+    assert_eq!(Trigger::from_name("nri"), None);
+    assert_eq!(Trigger::from_name("Hook"), None);
+    assert_eq!(Outcome::succeeded(true), Outcome::Unchanged);
+    assert_eq!(Outcome::succeeded(false), Outcome::Durable);
+}
