@@ -7,6 +7,8 @@ mod archive_overlay;
 mod containerd_e2e;
 mod containerd_restore;
 mod control;
+mod hook;
+mod hook_runc;
 mod layer_cli;
 mod metrics_endpoint;
 mod snapshotter_conformance;
