@@ -11,6 +11,7 @@ mod control;
 mod hook;
 mod hook_runc;
 mod layer_cli;
+mod metrics_endpoint;
 mod snapshotter_conformance;
 mod store_s3;
 mod store_stream;

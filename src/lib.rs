@@ -8,12 +8,14 @@
 //! - [`snapshotter`]: the containerd proxy snapshotter.
 //! - [`control`]: the daemon's control API (flush, status, list, forget) and the hook's protocol.
 //! - [`hook`]: the OCI poststop hook and its line protocol to the daemon.
+//! - [`metrics`]: Prometheus metrics and the endpoint serving them.
 
 pub mod archive;
 pub mod config;
 pub mod control;
 pub mod hook;
 pub mod layer;
+pub mod metrics;
 pub mod proto;
 pub mod snapshotter;
 pub mod state;

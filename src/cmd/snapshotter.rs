@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use zlayer_storage::Config;
 use zlayer_storage::LayerSyncManager;
 use zlayer_storage::control::{self, Control};
+use zlayer_storage::metrics::MetricsServer;
 use zlayer_storage::snapshotter::containers::ContainerdContainers;
 use zlayer_storage::snapshotter::events::{ContainerdEvents, WatchOptions, Watcher};
 use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
@@ -63,6 +64,8 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
             .await
             .context("snapshotter start-up task failed")?
             .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
+    let stop = CancellationToken::new();
+    let metrics = start_metrics(config, &stop).await?;
     tracing::info!(
         root = %root.display(),
         index_off = features.index_off,
@@ -75,7 +78,6 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         store = %persistence.manager().store().describe(),
         "snapshotter ready"
     );
-    let stop = CancellationToken::new();
     let worker = persistence.spawn_worker(stop.clone());
     let flusher = persistence.spawn_flusher(stop.clone());
     let control_socket = config.snapshotter.control_socket.clone();
@@ -136,8 +138,32 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
     if let Err(e) = std::fs::remove_file(&control_socket) {
         tracing::debug!(socket = %control_socket.display(), error = %e, "cannot remove control socket");
     }
+    if let Some(m) = metrics
+        && let Err(e) = m.await
+    {
+        tracing::warn!(error = %e, "metrics endpoint ended abnormally");
+    }
     served?;
     Ok(exit::OK)
+}
+
+/// Binds `[metrics] address` when set (a bad or busy address fails the start, naming it) and
+/// serves scrapes until `stop` is cancelled.
+async fn start_metrics(
+    config: &Config,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(address) = &config.metrics.address else {
+        return Ok(None);
+    };
+    let address = address
+        .parse()
+        .with_context(|| format!("[metrics] address {address:?} is not an ip:port"))?;
+    let server = MetricsServer::bind(address).await?;
+    tracing::info!(address = %server.local_addr(), "serving metrics at /metrics");
+    Ok(Some(tokio::spawn(
+        server.run(stop.clone().cancelled_owned()),
+    )))
 }
 
 /// Resolves on SIGTERM or SIGINT. If the handlers cannot be installed, only SIGINT via

@@ -39,6 +39,15 @@ pub async fn handle(control: &Control, stream: UnixStream) {
         }
         Ok(Ok(_)) => answer(control, &line).await,
     };
+    if matches!(
+        response,
+        FlushResponse::Error {
+            code: ErrorCode::Invalid,
+            ..
+        }
+    ) {
+        crate::metrics::error(crate::metrics::ErrorKind::HookProtocol);
+    }
     if let Err(e) = write.write_all(&wire::encode_response(&response)).await {
         tracing::debug!(error = %e, "cannot answer the hook (it gave up)");
     }

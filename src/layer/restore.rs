@@ -51,6 +51,9 @@ impl LayerSyncManager {
         };
         let (downloaded, unpacked) = download_and_unpack(&self.inner.store, &entry, job).await;
         remove_if_exists(&spool)?;
+        if let Some(Ok(bytes)) = downloaded {
+            crate::metrics::downloaded(bytes);
+        }
         if let Some(Err(e)) = downloaded {
             return Err(store(&key)(e));
         }

@@ -350,6 +350,9 @@ impl LayerSyncManager {
                 .map_err(store(&mkey))
         };
         let (report, _) = tokio::try_join!(uploaded, meta_put)?;
+        if !report.already_existed {
+            crate::metrics::uploaded(total);
+        }
         let upload = UploadSummary {
             parts_total: report.parts_total,
             parts_sent: report.parts_sent,

@@ -166,6 +166,8 @@ pub struct SnapshotterOptions {
     /// `[snapshotter] containerd_address` to write instead of the node's real containerd socket
     /// (e.g. a path where nothing listens).
     pub containerd_address: Option<PathBuf>,
+    /// `[metrics] address` (daemon config only); `None` = no endpoint.
+    pub metrics_address: Option<String>,
 }
 
 impl SnapshotterOptions {
@@ -177,6 +179,7 @@ impl SnapshotterOptions {
             on_base_change: OnBaseChange::default(),
             snapshotter_extra: toml::Table::new(),
             containerd_address: None,
+            metrics_address: None,
         }
     }
 
@@ -191,6 +194,13 @@ impl SnapshotterOptions {
     #[must_use]
     pub fn with_containerd_address(mut self, address: &Path) -> Self {
         self.containerd_address = Some(address.to_path_buf());
+        self
+    }
+
+    /// Serves metrics on `address` (`ip:port`).
+    #[must_use]
+    pub fn with_metrics_address(mut self, address: &str) -> Self {
+        self.metrics_address = Some(address.to_string());
         self
     }
 
@@ -260,7 +270,9 @@ impl SnapshotterDaemon {
             .unwrap_or_else(|| containerd_address.to_path_buf());
         cfg.snapshotter.persist = self.options.persist;
         cfg.snapshotter.on_base_change = self.options.on_base_change;
+        cfg.metrics.address = self.options.metrics_address.clone();
         fs::write(&self.config_path, self.config_text(&cfg)).expect("write config");
+        cfg.metrics.address = None;
 
         // The CLI gets its own state DB and staging dir so it never contends with the daemon.
         cfg.storage.staging_dir = self.dir.join("cli-staging");

@@ -254,6 +254,7 @@ impl<S: FlushSink + 'static> Watcher<S> {
             match subscribed {
                 Ok(stream) => {
                     self.connected.store(true, Ordering::Relaxed);
+                    crate::metrics::set_events_connected(true);
                     tracing::info!("subscribed to containerd task events; reconciling");
                     let since = tokio::time::Instant::now();
                     let reconcile = {
@@ -262,6 +263,7 @@ impl<S: FlushSink + 'static> Watcher<S> {
                     };
                     let ended = self.consume(stream).await;
                     self.connected.store(false, Ordering::Relaxed);
+                    crate::metrics::set_events_connected(false);
                     match ended {
                         Ended::Stopped => {
                             reconcile.abort();

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::layer::SyncOptions;
 use crate::layer::types::ContainerLayerId;
+use crate::metrics::{self, ErrorKind, Outcome, Trigger};
 use crate::snapshotter::key::BackendKey;
 use crate::snapshotter::meta;
 
@@ -115,6 +116,7 @@ enum Found {
 impl Persistence {
     /// Records a flush request (durably) and wakes the flusher; does not wait for the upload.
     pub async fn request_flush(self: &Arc<Self>, req: FlushRequest) -> Result<FlushTicket> {
+        metrics::flush_requested(trigger_of(&req.trigger));
         let att = self.attached()?;
         let snapshots = att.snapshots.clone();
         let target = req.target.clone();
@@ -317,15 +319,28 @@ impl Persistence {
 
     async fn run_flusher(self: Arc<Self>, stop: CancellationToken) {
         loop {
+            self.count_flushes().await;
             let next_due = tokio::select! {
                 () = stop.cancelled() => return,
                 due = self.flush_pass() => due,
             };
+            self.count_flushes().await;
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = self.flush_wake.notified() => {}
                 () = tokio::time::sleep(next_due.unwrap_or(Duration::from_secs(60))) => {}
             }
+        }
+    }
+
+    /// Publishes the number of unfinished requests as a metric.
+    async fn count_flushes(&self) {
+        match self
+            .read_async("count flush requests", flush_db::open_count)
+            .await
+        {
+            Ok(n) => metrics::set_flush_queue(usize::try_from(n).unwrap_or(0)),
+            Err(e) => tracing::debug!(error = %error_chain(&e), "cannot count flush requests"),
         }
     }
 
@@ -375,6 +390,7 @@ impl Persistence {
         let result = self.execute(&row).await;
         let (outcome, retry) = match result {
             Ok(done) => {
+                flush_ended(&row, Outcome::succeeded(done.2));
                 tracing::info!(request = id, identity = %row.identity, digest = %done.0, seq = done.1,
                     unchanged = done.2, trigger = %row.trigger, ms = started.elapsed().as_millis() as u64,
                     "flush durable");
@@ -391,6 +407,11 @@ impl Persistence {
                 let attempts = row.attempts + 1;
                 if e.is_store_fault() || attempts < MAX_LOCAL_ATTEMPTS {
                     let delay = retry_delay(attempts);
+                    metrics::error(if e.is_store_fault() {
+                        ErrorKind::Store
+                    } else {
+                        ErrorKind::Local
+                    });
                     tracing::warn!(request = id, identity = %row.identity, attempts, retry_in_secs = delay.as_secs(),
                         error = %message, "flush failed; will retry");
                     let next = now_ns()
@@ -402,6 +423,7 @@ impl Persistence {
                         .await;
                     (r, Some(delay))
                 } else {
+                    flush_ended(&row, Outcome::Failed);
                     tracing::error!(request = id, identity = %row.identity, attempts, error = %message,
                         "flush failed (the layer is still uploaded when the snapshot is removed)");
                     let r = self
@@ -500,6 +522,17 @@ impl Persistence {
             flush_db::recent(c, &identity, limit)
         })
     }
+}
+
+fn trigger_of(name: &str) -> Trigger {
+    Trigger::from_name(name).unwrap_or(Trigger::Api)
+}
+
+/// Records that `row` ended as `outcome`, timed from the request (queueing and earlier
+/// attempts included).
+fn flush_ended(row: &FlushRow, outcome: Outcome) {
+    let took = Duration::from_nanos(u64::try_from(now_ns() - row.requested_ns).unwrap_or(0));
+    metrics::flush_finished(trigger_of(&row.trigger), outcome, took);
 }
 
 /// The snapshot dir id and base of the live, identified snapshot `key` still holding `identity`.

@@ -370,6 +370,7 @@ impl Persistence {
         let record = self
             .handle
             .block_on(self.containers.get(bkey.namespace, bkey.name))
+            .inspect_err(|_| crate::metrics::error(crate::metrics::ErrorKind::Lookup))
             .map_err(|source| PersistError::LookupFailed {
                 key: key.to_string(),
                 source: Box::new(source),

@@ -9,11 +9,13 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::archive::{self, UnpackOptions};
 use crate::config::OnBaseChange;
 use crate::layer::RestoreOptions;
 use crate::layer::types::ContainerLayerId;
+use crate::metrics::{self, ErrorKind, RestoreSource};
 
 use super::error::{PersistError, Result, is_store_fault};
 use super::identity::describe_base;
@@ -35,7 +37,10 @@ impl Persistence {
         upper: &Path,
     ) -> Result<()> {
         let pending = hide_upper(att, key, id, upper)?;
-        if self.restore_layer(att, key, id, base, upper)? {
+        let restored = self
+            .restore_layer(att, key, id, base, upper)
+            .inspect_err(|_| metrics::error(ErrorKind::Restore))?;
+        if restored {
             // The extraction's swap fsynced the parent with `fs` in it; a leftover empty
             // `fs.pending` after a crash is harmless once the snapshot is marked restored.
             std::fs::remove_dir(&pending).map_err(PersistError::io("remove", &pending))
@@ -56,7 +61,11 @@ impl Persistence {
         base: &[String],
         upper: &Path,
     ) -> Result<bool> {
+        let started = Instant::now();
         if let Some(copied) = self.restore_from_outbox(att, key, id, base, upper)? {
+            if copied {
+                metrics::restore_finished(RestoreSource::Outbox, started.elapsed());
+            }
             return Ok(copied);
         }
         let manifest = self
@@ -82,6 +91,7 @@ impl Persistence {
             .map_err(|e| self.restore_error(key, id, e))?;
         match restored {
             Some(snap) => {
+                metrics::restore_finished(RestoreSource::Store, started.elapsed());
                 tracing::info!(key, identity = %id, digest = %snap.digest, seq,
                 files = snap.file_count, bytes = snap.size_bytes, "restored layer from the store");
                 Ok(true)

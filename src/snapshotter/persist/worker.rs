@@ -10,7 +10,7 @@
 //! [`LayerSyncManager::resume_pending`]: crate::layer::LayerSyncManager::resume_pending
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::task::JoinHandle;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::layer::types::{ContainerLayerId, LayerSnapshot};
 use crate::layer::{SyncOptions, SyncOutcome};
+use crate::metrics::{self, ErrorKind, Trigger};
 use crate::snapshotter::meta;
 
 use super::db::{self, Location, OutboxRow, Resolution};
@@ -105,9 +106,16 @@ impl Persistence {
                 next_due = Some(next_due.map_or(due, |d| d.min(due)));
                 continue;
             }
+            let started = Instant::now();
             let Err(e) = self.process(&row).await else {
+                metrics::sync_finished(Trigger::Remove, started.elapsed());
                 continue;
             };
+            metrics::error(if e.is_store_fault() {
+                ErrorKind::Store
+            } else {
+                ErrorKind::Local
+            });
             let attempts = row.attempts + 1;
             let dead = !e.is_store_fault() && attempts >= MAX_LOCAL_ATTEMPTS;
             let delay = retry_delay(attempts);
@@ -131,7 +139,16 @@ impl Persistence {
                 tracing::warn!(error = %error_chain(&e), "cannot record the failure");
             }
         }
+        self.count_outbox().await;
         next_due
+    }
+
+    /// Publishes the outbox's size and dead letters as metrics.
+    async fn count_outbox(&self) {
+        match self.read_async("count outbox", db::outbox_rows).await {
+            Ok(rows) => metrics::set_outbox(rows.len(), rows.iter().filter(|r| r.dead).count()),
+            Err(e) => tracing::debug!(error = %error_chain(&e), "cannot count the outbox"),
+        }
     }
 
     /// Uploads every queued layer now; returns how many were finished. Stops at the first
