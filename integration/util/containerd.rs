@@ -204,6 +204,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     /// `ctr --address <ours> -n <ours> ARGS`, killed after 180 s.
+    /// The containerd namespace this fixture's containers live in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     pub fn ctr(&self, args: &[&str]) -> Output {
         Command::new("timeout")
             .args(["-k", "5", "180", "/usr/bin/ctr", "--address"])

@@ -2,10 +2,13 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use zlayer_storage::Config;
 use zlayer_storage::LayerSyncManager;
+use zlayer_storage::control::{self, Control};
 use zlayer_storage::snapshotter::containers::ContainerdContainers;
 use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
@@ -72,10 +75,46 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
     );
     let stop = CancellationToken::new();
     let worker = persistence.spawn_worker(stop.clone());
+    let flusher = persistence.spawn_flusher(stop.clone());
+    let control_socket = config.snapshotter.control_socket.clone();
+    let control_listener = server::bind(&control_socket).with_context(|| {
+        format!(
+            "cannot listen on control socket {}",
+            control_socket.display()
+        )
+    })?;
+    let control = Control::new(
+        Arc::clone(&persistence),
+        Duration::from_secs(config.snapshotter.flush_timeout_secs),
+    );
+    let control_stop = stop.clone();
+    let control_path = control_socket.clone();
+    let control_task = tokio::spawn(async move {
+        control::serve(
+            control,
+            control_listener,
+            &control_path,
+            control_stop.cancelled_owned(),
+        )
+        .await
+    });
     let served = server::serve(Arc::new(core), &socket, shutdown_signal()).await;
     stop.cancel();
     if let Err(e) = worker.await {
         tracing::warn!(error = %e, "upload worker ended abnormally");
+    }
+    if let Err(e) = flusher.await {
+        tracing::warn!(error = %e, "flusher ended abnormally");
+    }
+    match control_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "control server failed")
+        }
+        Err(e) => tracing::warn!(error = %e, "control server ended abnormally"),
+    }
+    if let Err(e) = std::fs::remove_file(&control_socket) {
+        tracing::debug!(socket = %control_socket.display(), error = %e, "cannot remove control socket");
     }
     served?;
     Ok(exit::OK)

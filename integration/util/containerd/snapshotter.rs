@@ -251,6 +251,7 @@ impl SnapshotterDaemon {
         s.state_db_path = self.state_db_path();
         cfg.snapshotter.root = self.root();
         cfg.snapshotter.socket = self.socket.clone();
+        cfg.snapshotter.control_socket = self.control_socket();
         cfg.snapshotter.containerd_address = self
             .options
             .containerd_address
@@ -399,6 +400,11 @@ impl SnapshotterDaemon {
     /// The socket containerd dials.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The control socket (flush, status; the hook's protocol).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
     }
 
     /// Everything the daemon logged so far (across restarts).
