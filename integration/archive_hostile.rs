@@ -107,6 +107,7 @@ async fn publish(store: &Arc<dyn ObjectStore>, id: &ContainerLayerId, case: &Cas
         created_at: Utc::now(),
         seq: 1,
         base: None,
+        rolled_back_from: None,
     };
     let meta = LayerMeta {
         identity: id.clone(),

@@ -290,6 +290,156 @@ fn restore_of_unknown_identity_exits_4_and_usage_errors_exit_2() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
+/// `ls`, `restore --seq/--at`, `rollback` and `gc --dry-run`/`gc` through the binary.
+#[test]
+fn ls_restore_seq_rollback_and_gc_of_old_versions() {
+    let store = tempfile::tempdir().unwrap();
+    let storage = |keep: usize| LayerStorageConfig {
+        local_store_dir: store.path().to_path_buf(),
+        history_keep: keep,
+        gc_grace_secs: 0,
+        ..LayerStorageConfig::default()
+    };
+    let (a, b) = (Node::new(storage(3)), Node::new(storage(1)));
+    let empty = a.run(&["ls"]);
+    assert!(String::from_utf8_lossy(&empty.stdout).contains("no identities"));
+
+    // Three versions of web/0; remember each tree.
+    let upper = a.path("upper");
+    make_tree(&upper, "1");
+    let mut trees = Vec::new();
+    let mut digests = Vec::new();
+    let mut between = String::new();
+    for v in 1..=3 {
+        std::fs::write(upper.join("etc/app/config"), format!("variant={v}\n")).unwrap();
+        digests.push(
+            a.sync("web/0", &upper)["digest"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        trees.push(describe_tree(&upper));
+        if v == 1 {
+            std::thread::sleep(Duration::from_millis(20));
+            between = chrono::Utc::now().to_rfc3339();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let other = a.path("other");
+    make_tree(&other, "db");
+    a.sync("db/0", &other);
+
+    let ls = json_ok(&a.run(&["ls", "--json"]));
+    let ls = ls.as_array().unwrap();
+    assert_eq!(ls.len(), 2);
+    assert_eq!(ls[1]["identity"]["service"], "web");
+    assert_eq!(ls[1]["versions"], 3);
+    assert_eq!(ls[1]["digest"], digests[2].as_str());
+    let text = String::from_utf8_lossy(&a.run(&["ls"]).stdout).to_string();
+    assert!(text.contains("web/0") && text.contains("db/0"), "{text}");
+    let history = json_ok(&a.run(&["ls", "--json", "--id", "web/0"]));
+    let seq1 = history["history"][1]["seq"].as_u64().unwrap();
+    assert_eq!(history["history"][1]["digest"], digests[0].as_str());
+    let text = String::from_utf8_lossy(&a.run(&["ls", "--id", "web/0"]).stdout).to_string();
+    assert_eq!(text.lines().count(), 4, "header + 3 versions: {text}");
+
+    // Another node restores version 1 by seq and by time.
+    let by_seq = b.path("by-seq");
+    let out = b.run(&[
+        "restore",
+        "--json",
+        "--id",
+        "web/0",
+        "--seq",
+        &seq1.to_string(),
+        by_seq.to_str().unwrap(),
+    ]);
+    assert_eq!(json_ok(&out)["digest"], digests[0].as_str());
+    assert_eq!(describe_tree(&by_seq), trees[0]);
+    let by_time = b.path("by-time");
+    json_ok(&b.run(&[
+        "restore",
+        "--json",
+        "--id",
+        "web/0",
+        "--at",
+        &between,
+        by_time.to_str().unwrap(),
+    ]));
+    assert_eq!(describe_tree(&by_time), trees[0]);
+    let out = b.run(&[
+        "restore",
+        "--id",
+        "web/0",
+        "--seq",
+        "999",
+        b.path("none").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("web/0") && err.contains("seq 999"), "{err}");
+    let out = b.run(&["restore", "--id", "web/0", "--at", "last week", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // Rollback makes version 1 current again, under a higher seq.
+    let rolled = json_ok(&a.run(&[
+        "rollback",
+        "--json",
+        "--id",
+        "web/0",
+        "--seq",
+        &seq1.to_string(),
+    ]));
+    assert!(
+        rolled["current"]["seq"].as_u64().unwrap() > history["current"]["seq"].as_u64().unwrap()
+    );
+    let current = b.path("current");
+    json_ok(&b.restore("web/0", &current));
+    assert_eq!(describe_tree(&current), trees[0]);
+
+    // gc on a node keeping 1 version: a dry run lists versions 2 and 3 and deletes nothing.
+    let objects = |dir: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(dir.join("layers"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let listing = objects(store.path());
+    let dry = json_ok(&b.run(&["gc", "--dry-run", "--json"]));
+    assert_eq!(objects(store.path()), listing);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["objects_deleted"], 4);
+    assert_eq!(dry["manifests_trimmed"], 1);
+    let deleted: Vec<&str> = dry["deleted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    for d in &digests[1..] {
+        assert!(
+            deleted.contains(&format!("{d}.tar.zst").as_str()),
+            "{deleted:?}"
+        );
+    }
+    let text = String::from_utf8_lossy(&b.run(&["gc", "--dry-run"]).stdout).to_string();
+    assert!(
+        text.contains("would be deleted") && text.contains(&digests[1]),
+        "{text}"
+    );
+    assert_eq!(objects(store.path()), listing);
+
+    let done = json_ok(&b.run(&["gc", "--json"]));
+    assert_eq!(done["deleted"], dry["deleted"]);
+    let after = json_ok(&a.run(&["ls", "--json", "--id", "web/0"]));
+    assert_eq!(after["history"].as_array().unwrap().len(), 0);
+    let again = b.path("again");
+    json_ok(&b.restore("web/0", &again));
+    assert_eq!(describe_tree(&again), trees[0]);
+}
+
 /// Writes `n` files of `size` bytes of /dev/urandom; returns their sha256 by name.
 fn random_files(dir: &Path, n: usize, size: u64) {
     std::fs::create_dir_all(dir).unwrap();

@@ -12,8 +12,11 @@ use aws_sdk_s3::primitives::ByteStream;
 use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use zlayer_storage::layer::StateDb;
+use zlayer_storage::ContainerLayerId;
 use zlayer_storage::layer::types::{CompletedPart, PendingUpload};
+use zlayer_storage::layer::{
+    GcOptions, LayerSyncManager, RestoreOptions, StateDb, VersionSelector,
+};
 use zlayer_storage::store::{
     LocalStore, ObjectStore, Progress, PutCondition, PutOutcome, S3Store, StoreError,
     UploadJournal, UploadReport,
@@ -144,6 +147,17 @@ async fn conformance(store: &dyn ObjectStore, journal: &dyn UploadJournal, dir: 
     assert_eq!(info.size, 7);
     assert!(info.etag.is_some());
     assert_eq!(info.etag, etag);
+    // Last-modified within a few seconds of now (S3 reports whole seconds).
+    let age = |t: Option<std::time::SystemTime>| {
+        let t = t.expect("last_modified reported");
+        let now = std::time::SystemTime::now();
+        now.duration_since(t)
+            .unwrap_or_else(|e| e.duration())
+            .as_secs()
+    };
+    assert!(age(info.last_modified) < 60, "{info:?}");
+    assert!(store.exists("a.json").await.unwrap());
+    assert!(!store.exists("nope.json").await.unwrap());
 
     for k in [
         "ids/web_0/manifest.json",
@@ -169,6 +183,15 @@ async fn conformance(store: &dyn ObjectStore, journal: &dyn UploadJournal, dir: 
         vec!["ids/web_1/manifest.json"]
     );
     assert!(store.list("zzz").await.unwrap().is_empty());
+    let listed = store.list_info("ids/").await.unwrap();
+    assert_eq!(
+        listed.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(),
+        ["ids/web_0/manifest.json", "ids/web_1/manifest.json"]
+    );
+    for o in &listed {
+        assert_eq!(o.size, 1, "{o:?}");
+        assert!(age(o.last_modified) < 60, "{o:?}");
+    }
 
     // Preconditions: enforced by the service or emulated; sequentially the result is the same.
     assert_eq!(
@@ -708,6 +731,125 @@ async fn stale_uploads_are_aborted() {
         vec![elsewhere]
     );
     assert!(!left.iter().any(|(_, id)| *id == unknown));
+}
+
+/// Store-side gc on real S3: every identity listed, history kept, unreferenced layers deleted
+/// only once older than the grace period, referenced and young ones kept, and manifests over
+/// `history_keep` trimmed only where the service enforces conditional writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_collects_unreferenced_layers_after_the_grace_period() {
+    let test = "gc_collects_unreferenced_layers_after_the_grace_period";
+    let Some(g) = garage_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = g.config("history-gc");
+    let node = |name: &str, keep: usize, grace: u64| {
+        let mut cfg = base.clone();
+        cfg.staging_dir = dir.path().join(name).join("staging");
+        cfg.state_db_path = dir.path().join(name).join("state.sqlite");
+        cfg.history_keep = keep;
+        cfg.gc_grace_secs = grace;
+        cfg
+    };
+    let sync_versions = |m: LayerSyncManager, id: ContainerLayerId, n: usize| {
+        let root = dir.path().join(id.to_key());
+        async move {
+            let mut digests = Vec::new();
+            for i in 0..n {
+                let upper = root.join(format!("v{i}"));
+                std::fs::create_dir_all(&upper).unwrap();
+                std::fs::write(upper.join("f"), format!("{id} version {i}")).unwrap();
+                digests.push(m.sync_layer(&id, &upper).await.unwrap().digest);
+            }
+            (m, digests)
+        }
+    };
+    let (narrow, wide) = (
+        ContainerLayerId::new("gc", "0"),
+        ContainerLayerId::new("gc", "w"),
+    );
+    let a = LayerSyncManager::new(node("a", 2, 3600)).await.unwrap();
+    let (a, d) = sync_versions(a, narrow.clone(), 3).await;
+    let w = LayerSyncManager::new(node("w", 5, 3600)).await.unwrap();
+    let (_w, wd) = sync_versions(w, wide.clone(), 3).await;
+
+    let list = a.list_identities().await.unwrap();
+    let seen: Vec<_> = list
+        .iter()
+        .map(|s| (s.identity.clone(), s.versions))
+        .collect();
+    assert_eq!(seen, [(narrow.clone(), 2), (wide.clone(), 3)]);
+    assert_eq!(list[0].digest, d[2]);
+
+    // Everything is younger than an hour: nothing goes.
+    let r = a.gc().await.unwrap();
+    assert_eq!(r.objects_deleted, 0, "{r:?}");
+    assert_eq!(r.young_kept, 1);
+
+    // A 3 s grace: wait past it, then write a fresh unreferenced layer that must stay.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let store = a.store().clone();
+    let fresh = "f".repeat(64);
+    for key in [format!("{fresh}.tar.zst"), format!("{fresh}.meta.json")] {
+        store
+            .put_bytes(&key, b"{}".to_vec(), PutCondition::None)
+            .await
+            .unwrap();
+    }
+    let enforced = store.conditional_writes().await.unwrap();
+    let c = LayerSyncManager::new(node("c", 2, 3)).await.unwrap();
+    let before = store.list("").await.unwrap();
+    let dry = c.gc_with(GcOptions { dry_run: true }).await.unwrap();
+    assert_eq!(
+        store.list("").await.unwrap(),
+        before,
+        "a dry run deletes nothing"
+    );
+    let r = c.gc().await.unwrap();
+    assert_eq!(r.deleted, dry.deleted);
+    let mut gone = vec![d[0].clone()];
+    if enforced {
+        assert_eq!((r.manifests_trimmed, r.versions_dropped), (1, 1));
+        gone.push(wd[0].clone());
+    } else {
+        assert_eq!(r.manifests_untrimmed, 1, "{r:?}");
+    }
+    let mut expected: Vec<String> = gone
+        .iter()
+        .flat_map(|g| [format!("{g}.tar.zst"), format!("{g}.meta.json")])
+        .collect();
+    expected.sort();
+    assert_eq!(r.deleted, expected);
+    assert!(r.bytes_deleted > 0);
+    assert_eq!(r.young_kept, 1, "the fresh layer");
+    let left = store.list("").await.unwrap();
+    for digest in d[1..].iter().chain(&wd[1..]).chain([&fresh]) {
+        assert!(left.contains(&format!("{digest}.tar.zst")), "{digest} kept");
+    }
+    for digest in &gone {
+        assert!(
+            !left.contains(&format!("{digest}.tar.zst")),
+            "{digest} deleted"
+        );
+    }
+
+    // The kept older version still restores, with its content.
+    let m = a.manifest(&narrow).await.unwrap().unwrap();
+    let target = dir.path().join("restored");
+    c.restore_version(
+        &narrow,
+        VersionSelector::Seq(m.history[0].seq),
+        &target,
+        RestoreOptions::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("f")).unwrap(),
+        format!("{narrow} version 1")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 
 /// Persistent container upper layers kept in S3.
@@ -25,12 +26,17 @@ pub struct Cli {
 pub enum Command {
     /// Archive an upper dir and upload it as the identity's current layer.
     Sync(SyncArgs),
-    /// Restore the identity's current layer into a new directory.
+    /// Restore the identity's current layer (or a kept older version) into a new directory.
     Restore(RestoreArgs),
+    /// Make a kept older version of an identity's layer current again (in the store).
+    Rollback(RollbackArgs),
+    /// List the identities in the store, or the kept versions of one.
+    Ls(LsArgs),
     /// Show sync state and pending uploads.
     Status(StatusArgs),
-    /// Abort stale multipart uploads and finish interrupted ones.
-    Gc,
+    /// Finish interrupted uploads, abort stale ones, trim manifest history and delete layers no
+    /// manifest references.
+    Gc(GcArgs),
     /// Print version information.
     Version,
     /// Run the containerd proxy snapshotter.
@@ -103,12 +109,62 @@ pub struct RestoreArgs {
     pub id: String,
     /// Target directory (must not exist, or be empty).
     pub target: PathBuf,
+    /// Restore the kept version with this seq instead of the current one (`ls --id` lists them).
+    #[arg(long, conflicts_with = "at")]
+    pub seq: Option<u64>,
+    /// Restore the newest kept version created at or before this RFC 3339 time
+    /// (e.g. 2025-01-31T12:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    pub at: Option<DateTime<Utc>>,
     /// Write opaque markers as `user.overlay.opaque` (for overlay mounts with `userxattr`).
     #[arg(long)]
     pub userxattr: bool,
     /// Print the restored snapshot as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Identity as SERVICE/INSTANCE.
+    #[arg(long)]
+    pub id: String,
+    /// The kept version with this seq (`ls --id` lists them).
+    #[arg(long, required_unless_present = "at", conflicts_with = "at")]
+    pub seq: Option<u64>,
+    /// The newest kept version created at or before this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    pub at: Option<DateTime<Utc>>,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// List the kept versions of this identity (SERVICE/INSTANCE) instead.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Print what would be trimmed and deleted; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses an RFC 3339 time (`--at`).
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("expected an RFC 3339 time such as 2025-01-31T12:00:00Z: {e}"))
 }
 
 #[derive(Debug, Args)]
@@ -129,4 +185,26 @@ pub struct SnapshotterArgs {
     /// containerd socket for container-label lookups.
     #[arg(long)]
     pub containerd_address: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_in_any_offset() {
+        let t = parse_time("2025-01-31T13:00:00+01:00").unwrap();
+        assert_eq!(t, parse_time("2025-01-31T12:00:00Z").unwrap());
+        assert!(parse_time("yesterday").unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn rollback_needs_exactly_one_of_seq_and_at() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(["zlayer-storage", "rollback"].iter().chain(args));
+        assert!(parse(&["--id", "a/b"]).is_err());
+        assert!(parse(&["--id", "a/b", "--seq", "1", "--at", "2025-01-31T12:00:00Z"]).is_err());
+        assert!(parse(&["--id", "a/b", "--seq", "1"]).is_ok());
+        assert!(parse(&["--id", "a/b", "--at", "2025-01-31T12:00:00Z"]).is_ok());
+    }
 }

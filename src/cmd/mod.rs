@@ -5,7 +5,7 @@
 //! - 1: runtime failure (I/O, object store, archive, state database)
 //! - 2: usage error (bad flags or arguments; clap uses it too)
 //! - 3: configuration error (unreadable or invalid config file, bad `ZLAYER_STORAGE_*` value)
-//! - 4: nothing to restore (the identity has no layer in the store)
+//! - 4: not found: the identity has no layer in the store, or not the version asked for
 //!
 //! `hook poststop` has its own policy (0 on every runtime problem, 2 for a malformed
 //! invocation; see `hook.rs`).
@@ -15,8 +15,10 @@
 mod flush;
 mod gc;
 mod hook;
+mod ls;
 mod progress;
 mod restore;
+mod rollback;
 mod snapshotter;
 mod status;
 mod sync;
@@ -24,7 +26,8 @@ mod version;
 
 use std::path::Path;
 
-use zlayer_storage::layer::LayerError;
+use chrono::{DateTime, SecondsFormat, Utc};
+use zlayer_storage::layer::{LayerError, VersionSelector};
 use zlayer_storage::store::StoreError;
 use zlayer_storage::{Config, ContainerLayerId};
 
@@ -83,8 +86,10 @@ pub fn dispatch(cli: Cli) -> u8 {
         match cli.command {
             Command::Sync(args) => sync::run(&config, args).await,
             Command::Restore(args) => restore::run(&config, args).await,
+            Command::Rollback(args) => rollback::run(&config, args).await,
+            Command::Ls(args) => ls::run(&config, args).await,
             Command::Status(args) => status::run(&config, args).await,
-            Command::Gc => gc::run(&config).await,
+            Command::Gc(args) => gc::run(&config, args).await,
             // Both handled above, before the runtime exists.
             Command::Version | Command::Hook(_) => Ok(exit::OK),
             Command::Snapshotter(args) => snapshotter::run(&config, &args).await,
@@ -104,6 +109,15 @@ pub fn dispatch(cli: Cli) -> u8 {
 fn exit_code_for(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<UsageError>().is_some() {
         return exit::USAGE;
+    }
+    let absent = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<LayerError>(),
+            Some(LayerError::NoSuchVersion { .. } | LayerError::NoManifest { .. })
+        )
+    });
+    if absent {
+        return exit::NOT_FOUND;
     }
     let config = e.chain().any(|cause| {
         matches!(
@@ -174,6 +188,20 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// `--seq N` / `--at TIME` (clap lets at most one through), else the current version.
+fn selector(seq: Option<u64>, at: Option<DateTime<Utc>>) -> VersionSelector {
+    match (seq, at) {
+        (Some(seq), _) => VersionSelector::Seq(seq),
+        (None, Some(t)) => VersionSelector::At(t),
+        (None, None) => VersionSelector::Current,
+    }
+}
+
+/// A time as printed by `ls` (UTC, seconds), accepted back by `--at`.
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
 /// Resolves a path argument for messages (no canonicalisation: the target may not exist yet).
 fn display_path(p: &Path) -> String {
     p.display().to_string()
@@ -210,6 +238,21 @@ mod tests {
         assert_eq!(exit_code_for(&e), exit::CONFIG);
         let e = anyhow::Error::new(std::io::Error::other("boom")).context("sync");
         assert_eq!(exit_code_for(&e), exit::FAILURE);
+    }
+
+    #[test]
+    fn an_absent_identity_or_version_exits_4() {
+        let id = ContainerLayerId::new("web", "0");
+        let e = anyhow::Error::new(LayerError::NoManifest { id: id.clone() }).context("rollback");
+        assert_eq!(exit_code_for(&e), exit::NOT_FOUND);
+        let e = anyhow::Error::new(LayerError::NoSuchVersion {
+            id,
+            which: VersionSelector::Seq(3),
+            kept: "seq 4".into(),
+        });
+        assert_eq!(exit_code_for(&e), exit::NOT_FOUND);
+        assert_eq!(selector(None, None), VersionSelector::Current);
+        assert_eq!(selector(Some(2), None), VersionSelector::Seq(2));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `zlayer-storage restore --id SERVICE/INSTANCE TARGET`
+//! `zlayer-storage restore --id SERVICE/INSTANCE [--seq N | --at TIME] TARGET`
 
 use anyhow::Context;
 use zlayer_storage::Config;
@@ -6,7 +6,7 @@ use zlayer_storage::archive::XattrNs;
 use zlayer_storage::layer::{LayerSyncManager, RestoreOptions};
 
 use super::progress::Bar;
-use super::{display_path, exit, human_bytes, parse_id, print_json};
+use super::{display_path, exit, human_bytes, parse_id, print_json, selector};
 use crate::cli::RestoreArgs;
 
 pub async fn run(config: &Config, args: RestoreArgs) -> anyhow::Result<u8> {
@@ -23,7 +23,10 @@ pub async fn run(config: &Config, args: RestoreArgs) -> anyhow::Result<u8> {
         },
         progress: bar.as_ref().map(|(_, p)| p.clone()),
     };
-    let result = manager.restore_layer_with(&id, &args.target, opts).await;
+    let which = selector(args.seq, args.at);
+    let result = manager
+        .restore_version(&id, which, &args.target, opts)
+        .await;
     if let Some((bar, _)) = &bar {
         bar.finish();
     }

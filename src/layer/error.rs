@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use super::manifest::{LayerManifest, VersionSelector};
 use super::types::ContainerLayerId;
 use crate::archive::ArchiveError;
 use crate::state::StateError;
@@ -73,6 +74,27 @@ pub enum LayerError {
         "manifest {key} kept changing under concurrent writers; gave up after {attempts} attempts"
     )]
     ManifestContention { key: String, attempts: u32 },
+    #[error("{id} has no {which} in the store (versions kept: {kept})")]
+    NoSuchVersion {
+        id: ContainerLayerId,
+        which: VersionSelector,
+        /// The versions the manifest has, e.g. `seq 7 (2025-01-02T03:04:05Z), seq 5 (...)`.
+        kept: String,
+    },
+    #[error("{id} has no manifest in the store")]
+    NoManifest { id: ContainerLayerId },
+    #[error("blob {key} of {id} (seq {seq}) is missing from the store")]
+    MissingBlob {
+        id: ContainerLayerId,
+        key: String,
+        seq: u64,
+    },
+    #[error("manifest {key} holds {found}, whose manifest key is {expected}")]
+    ManifestKey {
+        key: String,
+        found: ContainerLayerId,
+        expected: String,
+    },
     #[error("cannot serialise {what}")]
     Serialize {
         what: &'static str,
@@ -90,6 +112,29 @@ pub enum LayerError {
 }
 
 pub type Result<T> = std::result::Result<T, LayerError>;
+
+impl LayerError {
+    /// [`LayerError::NoSuchVersion`] listing what `manifest` does have.
+    pub(crate) fn no_such_version(manifest: &LayerManifest, which: VersionSelector) -> Self {
+        let kept = manifest
+            .versions()
+            .map(|e| {
+                format!(
+                    "seq {} ({})",
+                    e.seq,
+                    e.created_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self::NoSuchVersion {
+            id: manifest.identity.clone(),
+            which,
+            kept,
+        }
+    }
+}
 
 pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LayerError {
     let path = path.into();

@@ -15,7 +15,7 @@ use super::options::{LayerProgress, Phase, ProgressEvent};
 use super::spool::{IdentityLock, Staging};
 use super::types::{ContainerLayerId, SyncState};
 use crate::config::LayerStorageConfig;
-use crate::store::{self as objstore, ObjectStore};
+use crate::store::{self as objstore, ObjectStore, PutCondition, PutOutcome};
 
 /// Name of the archive format written by [`crate::archive`], recorded in every blob's metadata.
 pub const TAR_FORMAT: &str = "pax-oci-layer";
@@ -149,20 +149,9 @@ impl LayerSyncManager {
         id: &ContainerLayerId,
     ) -> Result<Option<LayerManifest>> {
         let key = manifest_key(id);
-        let Some(data) = self
-            .inner
-            .store
-            .get_bytes(&key)
-            .await
-            .map_err(store(&key))?
-        else {
+        let Some(manifest) = self.fetch_manifest(&key).await? else {
             return Ok(None);
         };
-        let manifest: LayerManifest =
-            serde_json::from_slice(&data).map_err(|source| LayerError::BadManifest {
-                key: key.clone(),
-                source,
-            })?;
         if &manifest.identity != id {
             return Err(LayerError::ManifestIdentity {
                 key,
@@ -171,6 +160,40 @@ impl LayerSyncManager {
             });
         }
         Ok(Some(manifest))
+    }
+
+    /// The manifest stored at `key`, parsed; `None` when there is none.
+    pub(super) async fn fetch_manifest(&self, key: &str) -> Result<Option<LayerManifest>> {
+        match self.inner.store.get_bytes(key).await.map_err(store(key))? {
+            Some(data) => parse_manifest(key, &data).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `manifest` under `cond`; false when the condition failed (a concurrent writer).
+    pub(super) async fn put_manifest(
+        &self,
+        manifest: &LayerManifest,
+        cond: PutCondition,
+    ) -> Result<bool> {
+        let key = manifest_key(&manifest.identity);
+        let body = serde_json::to_vec_pretty(manifest).map_err(|source| LayerError::Serialize {
+            what: "layer manifest",
+            source,
+        })?;
+        match self
+            .inner
+            .store
+            .put_bytes(&key, body, cond)
+            .await
+            .map_err(store(&key))?
+        {
+            PutOutcome::Written { .. } => Ok(true),
+            PutOutcome::PreconditionFailed => {
+                tracing::debug!(id = %manifest.identity, "manifest changed concurrently");
+                Ok(false)
+            }
+        }
     }
 
     /// Reads a manifest and an ETag no newer than the content read: HEAD first, so a change in
@@ -202,11 +225,17 @@ impl LayerSyncManager {
             })
     }
 
-    pub(super) async fn put_state(&self, id: &ContainerLayerId, digest: &str) -> Result<()> {
+    /// Records that this node holds `local` of `id` and the store's current is `remote`.
+    pub(super) async fn put_state(
+        &self,
+        id: &ContainerLayerId,
+        local: &str,
+        remote: &str,
+    ) -> Result<()> {
         let state = SyncState {
             container_id: id.clone(),
-            local_digest: Some(digest.to_string()),
-            remote_digest: Some(digest.to_string()),
+            local_digest: Some(local.to_string()),
+            remote_digest: Some(remote.to_string()),
             last_sync: Some(Utc::now()),
             pending_upload: None,
         };
@@ -219,6 +248,19 @@ impl LayerSyncManager {
                 source: Box::new(source),
             })
     }
+}
+
+/// Parses the manifest stored at `key`.
+pub(super) fn parse_manifest(key: &str, data: &[u8]) -> Result<LayerManifest> {
+    serde_json::from_slice(data).map_err(|source| LayerError::BadManifest {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The condition under which a manifest read with `etag` may be replaced.
+pub(super) fn replacing(etag: Option<String>) -> PutCondition {
+    etag.map_or(PutCondition::None, PutCondition::IfMatch)
 }
 
 /// Turns the store's per-call byte deltas into running totals for one phase.

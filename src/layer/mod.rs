@@ -3,7 +3,11 @@
 //! can restore the identity's current layer. Its journal in the state database ([`StateDb`])
 //! keeps each identity's sync state and the multipart upload journal the stores resume from.
 
+mod collect;
 mod error;
+mod history;
+#[cfg(test)]
+mod history_tests;
 mod journal;
 mod manager;
 pub mod manifest;
@@ -25,10 +29,11 @@ pub mod types {
 }
 
 pub use error::LayerError;
+pub use history::{Forgotten, IdentitySummary, RollbackOutcome};
 pub use journal::{LAYER_MIGRATIONS, StateDb, SyncRecord};
 pub use manager::{LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, zstd_library_version};
-pub use manifest::{ArchiveFormat, LayerManifest, LayerMeta, ManifestEntry};
+pub use manifest::{ArchiveFormat, LayerManifest, LayerMeta, ManifestEntry, VersionSelector};
 pub use options::{
-    GcReport, LayerProgress, Phase, ProgressEvent, RestoreOptions, SyncOptions, SyncOutcome,
-    UploadSummary,
+    GcOptions, GcReport, LayerProgress, Phase, ProgressEvent, RestoreOptions, SyncOptions,
+    SyncOutcome, UploadSummary,
 };

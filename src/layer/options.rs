@@ -117,13 +117,46 @@ pub struct SyncOutcome {
     pub upload: Option<UploadSummary>,
 }
 
-/// What [`super::LayerSyncManager::gc`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Options of [`super::LayerSyncManager::gc_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcOptions {
+    /// Report what would be deleted and trimmed; change nothing (no resumes, aborts or sweeps
+    /// either).
+    pub dry_run: bool,
+}
+
+/// What [`super::LayerSyncManager::gc`] did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
+    pub dry_run: bool,
     /// Incomplete multipart uploads aborted in the store.
     pub aborted_uploads: u32,
     /// Interrupted syncs finished (blob, metadata and manifest).
     pub resumed: u32,
     /// Abandoned spool files deleted from the staging dir.
     pub spools_removed: u32,
+    /// Manifests cut to `history_keep` versions.
+    pub manifests_trimmed: u32,
+    /// Versions dropped from those manifests.
+    pub versions_dropped: u32,
+    /// Manifests over `history_keep` left alone because the store does not enforce
+    /// conditional writes (all their versions stay referenced).
+    pub manifests_untrimmed: u32,
+    /// Layer objects (`.tar.zst` and `.meta.json`) deleted and their bytes.
+    pub objects_deleted: u32,
+    pub bytes_deleted: u64,
+    /// Their keys, sorted.
+    pub deleted: Vec<String>,
+    /// Unreferenced layers kept because they were written within `gc_grace_secs`.
+    pub young_kept: u32,
+    /// Unreferenced layers kept because this node is still uploading them.
+    pub pending_kept: u32,
+}
+
+impl GcReport {
+    pub(super) fn count_deleted(&mut self, key: &str, size: u64) {
+        self.objects_deleted += 1;
+        self.bytes_deleted += size;
+        self.deleted.push(key.to_string());
+    }
 }

@@ -1,5 +1,6 @@
 //! After a crash: finishing interrupted syncs from their staged spools and intents
-//! ([`LayerSyncManager::resume_pending`]), and garbage collection ([`LayerSyncManager::gc`]).
+//! ([`LayerSyncManager::resume_pending`]), and garbage collection ([`LayerSyncManager::gc`];
+//! its store side is in `collect`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use super::error::{Result, store};
 use super::manager::{LayerSyncManager, blocking};
-use super::options::GcReport;
+use super::options::{GcOptions, GcReport};
 use super::spool::{Intent, Staging};
 use super::types::ContainerLayerId;
 
@@ -53,23 +54,35 @@ impl LayerSyncManager {
         Ok(done)
     }
 
-    /// Aborts stale multipart uploads, finishes interrupted syncs, sweeps abandoned spools.
+    /// [`Self::gc_with`] with default options.
     pub async fn gc(&self) -> Result<GcReport> {
-        let resumed = self.resume_pending().await?;
-        let age = Duration::from_secs(self.inner.config.abort_stale_uploads_after_secs);
-        let aborted = self
-            .inner
-            .store
-            .abort_stale_uploads(age, &self.inner.db)
-            .await
-            .map_err(store(""))?;
-        let inner = Arc::clone(&self.inner);
-        let spools_removed = blocking(move || inner.staging.sweep(TEMP_SPOOL_AGE)).await??;
-        Ok(GcReport {
-            aborted_uploads: aborted,
-            resumed,
-            spools_removed,
-        })
+        self.gc_with(GcOptions::default()).await
+    }
+
+    /// Finishes interrupted syncs, aborts stale multipart uploads, sweeps abandoned spools,
+    /// then collects the store: manifests over `history_keep` versions are trimmed and layer
+    /// objects no manifest references are deleted once older than `gc_grace_secs`. Fails
+    /// without deleting anything when any manifest cannot be read. A dry run only reports
+    /// what the collection would trim and delete.
+    pub async fn gc_with(&self, opts: GcOptions) -> Result<GcReport> {
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            ..GcReport::default()
+        };
+        if !opts.dry_run {
+            report.resumed = self.resume_pending().await?;
+            let age = Duration::from_secs(self.inner.config.abort_stale_uploads_after_secs);
+            report.aborted_uploads = self
+                .inner
+                .store
+                .abort_stale_uploads(age, &self.inner.db)
+                .await
+                .map_err(store(""))?;
+            let inner = Arc::clone(&self.inner);
+            report.spools_removed = blocking(move || inner.staging.sweep(TEMP_SPOOL_AGE)).await??;
+        }
+        self.collect(opts.dry_run, &mut report).await?;
+        Ok(report)
     }
 
     /// A packed, unpublished archive of `id` whose tree had `fingerprint`.

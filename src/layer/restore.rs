@@ -1,12 +1,13 @@
-//! Restoring an identity's layer: [`LayerSyncManager::restore_layer`]. A restore extracts into
-//! a staging dir while the download (parallel ranged GETs) fills the spool, and swaps the tree
-//! in only after the digest of the whole archive matched.
+//! Restoring an identity's layer: [`LayerSyncManager::restore_layer`], or an older version of it
+//! ([`LayerSyncManager::restore_version`]). A restore extracts into a staging dir while the
+//! download (parallel ranged GETs) fills the spool, and swaps the tree in only after the digest
+//! of the whole archive matched.
 
 use std::path::Path;
 
 use super::error::{LayerError, Result, store};
 use super::manager::LayerSyncManager;
-use super::manifest::{ManifestEntry, blob_key};
+use super::manifest::{ManifestEntry, VersionSelector, blob_key};
 use super::options::RestoreOptions;
 use super::spool::remove_if_exists;
 use super::stream::{RestoreJob, download_and_unpack};
@@ -33,13 +34,29 @@ impl LayerSyncManager {
         target: impl AsRef<Path>,
         opts: RestoreOptions,
     ) -> Result<Option<LayerSnapshot>> {
+        self.restore_version(id, VersionSelector::Current, target, opts)
+            .await
+    }
+
+    /// Restores the version of `id` that `which` selects from its manifest (current or kept
+    /// history) into `target`. `None` when the store has no layer for `id`;
+    /// [`LayerError::NoSuchVersion`] when it has, but not that version.
+    pub async fn restore_version(
+        &self,
+        id: &ContainerLayerId,
+        which: VersionSelector,
+        target: impl AsRef<Path>,
+        opts: RestoreOptions,
+    ) -> Result<Option<LayerSnapshot>> {
         let target = target.as_ref().to_path_buf();
         let lock = self.identity_lock(id);
         let _guard = lock.lock().await;
         let Some(manifest) = self.read_manifest(id).await? else {
             return Ok(None);
         };
-        let entry = manifest.current;
+        let Some(entry) = manifest.select(which).cloned() else {
+            return Err(LayerError::no_such_version(&manifest, which));
+        };
         let key = blob_key(&entry.digest);
         let spool = self.inner.staging.temp_path("restore");
         let job = RestoreJob {
@@ -69,8 +86,9 @@ impl LayerSyncManager {
 
         self.record_fingerprint(id, &fingerprint, &entry.digest)
             .await?;
-        self.put_state(id, &entry.digest).await?;
-        tracing::info!(%id, digest = %entry.digest, target = %target.display(), "layer restored");
+        self.put_state(id, &entry.digest, &manifest.current.digest)
+            .await?;
+        tracing::info!(%id, digest = %entry.digest, seq = entry.seq, target = %target.display(), "layer restored");
         Ok(Some(entry.snapshot(false)))
     }
 }

@@ -17,7 +17,8 @@ use chrono::{DateTime, Utc};
 
 use super::error::{LayerError, Result, store};
 use super::manager::{
-    LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, accumulate, blocking, zstd_library_version,
+    LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, accumulate, blocking, replacing,
+    zstd_library_version,
 };
 use super::manifest::{
     Advance, ArchiveFormat, LayerManifest, LayerMeta, ManifestEntry, blob_key, manifest_key,
@@ -30,10 +31,10 @@ use super::spool::{Intent, remove_if_exists};
 use super::stream::{SpoolWatcher, Streaming, UploadGate};
 use super::types::{ContainerLayerId, LayerSnapshot};
 use crate::archive::{self, PackOptions};
-use crate::store::{self as objstore, PutCondition, PutOutcome};
+use crate::store::{self as objstore, PutCondition};
 
 /// Attempts at a conditional manifest update before giving up.
-const MANIFEST_ATTEMPTS: u32 = 8;
+pub(super) const MANIFEST_ATTEMPTS: u32 = 8;
 const OVERLAY_PARAMETERS: &str = "/sys/module/overlay/parameters";
 
 impl LayerSyncManager {
@@ -342,10 +343,12 @@ impl LayerSyncManager {
         };
         // The metadata object is only read next to the blob, and only the manifest (written
         // after both) makes the layer visible, so it can travel with the blob's last parts.
+        // Rewritten on every publish, also when the blob was already stored: its fresh
+        // last-modified time is what keeps `gc` (see `collect`) off a blob about to be referenced.
         let meta_put = async {
             self.inner
                 .store
-                .put_bytes(&mkey, meta_bytes, PutCondition::None)
+                .put_bytes(&mkey, meta_bytes.clone(), PutCondition::None)
                 .await
                 .map_err(store(&mkey))
         };
@@ -361,8 +364,11 @@ impl LayerSyncManager {
         };
 
         let (seq, moved) = self.advance_manifest(intent, resumed).await?;
+        if moved && report.already_existed {
+            self.ensure_stored(id, digest, spool, meta_bytes).await?;
+        }
         let local_state = async {
-            self.put_state(id, digest).await?;
+            self.put_state(id, digest, digest).await?;
             if let Some(fp) = &intent.fingerprint {
                 self.record_fingerprint(id, fp, digest).await?;
             }
@@ -381,6 +387,38 @@ impl LayerSyncManager {
             manifest_moved: moved,
             upload: Some(upload),
         })
+    }
+
+    /// Re-uploads the blob (and metadata) of a manifest that just moved to them if they are gone.
+    ///
+    /// A blob found already stored may be an old version's content that `gc` judged
+    /// unreferenced. `gc` spares a blob whose metadata was written within the grace period,
+    /// and this publish has just rewritten it, so only a `gc` that checked the metadata before
+    /// that write and deletes after it can hit the blob; checking once the manifest points at
+    /// it catches every such delete that lands before this check, with the spool still here.
+    async fn ensure_stored(
+        &self,
+        id: &ContainerLayerId,
+        digest: &str,
+        spool: &Path,
+        meta_bytes: Vec<u8>,
+    ) -> Result<()> {
+        let (key, mkey) = (blob_key(digest), meta_key(digest));
+        let store_ = &self.inner.store;
+        if !store_.exists(&key).await.map_err(store(&key))? {
+            tracing::warn!(%id, %digest, "blob deleted (by a concurrent gc) after the manifest moved to it; uploading it again");
+            store_
+                .upload_file(&key, spool, &self.inner.db, None)
+                .await
+                .map_err(store(&key))?;
+        }
+        if !store_.exists(&mkey).await.map_err(store(&mkey))? {
+            store_
+                .put_bytes(&mkey, meta_bytes, PutCondition::None)
+                .await
+                .map_err(store(&mkey))?;
+        }
+        Ok(())
     }
 
     /// Moves the manifest to the intent's digest unless a newer sync owns it.
@@ -410,38 +448,23 @@ impl LayerSyncManager {
                 created_at: intent.snapshot.created_at,
                 seq,
                 base: intent.base.clone(),
+                rolled_back_from: None,
             };
             let (next, condition) = match current {
                 None => (
                     LayerManifest::new(id.clone(), entry),
                     PutCondition::IfNoneMatch,
                 ),
-                Some((m, etag)) => match m.advance(entry) {
+                Some((m, etag)) => match m.advance(entry, self.inner.config.history_keep) {
                     Advance::Stale { current_seq } => {
                         tracing::info!(%id, seq, current_seq, "older sync: blob kept, manifest not moved");
                         return Ok((seq, false));
                     }
-                    Advance::Moved(next) => {
-                        (next, etag.map_or(PutCondition::None, PutCondition::IfMatch))
-                    }
+                    Advance::Moved(next) => (*next, replacing(etag)),
                 },
             };
-            let body =
-                serde_json::to_vec_pretty(&next).map_err(|source| LayerError::Serialize {
-                    what: "layer manifest",
-                    source,
-                })?;
-            match self
-                .inner
-                .store
-                .put_bytes(&key, body, condition)
-                .await
-                .map_err(store(&key))?
-            {
-                PutOutcome::Written { .. } => return Ok((seq, true)),
-                PutOutcome::PreconditionFailed => {
-                    tracing::debug!(%id, "manifest changed concurrently; retrying");
-                }
+            if self.put_manifest(&next, condition).await? {
+                return Ok((seq, true));
             }
         }
         Err(LayerError::ManifestContention {

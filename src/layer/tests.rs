@@ -22,7 +22,7 @@ type StoreResult<T> = std::result::Result<T, StoreError>;
 
 /// Delegates to a real store, counting writes and tracking concurrent uploads.
 #[derive(Debug)]
-struct Counting {
+pub(super) struct Counting {
     inner: Arc<dyn ObjectStore>,
     uploads: AtomicU32,
     parts_sent: AtomicU32,
@@ -30,7 +30,13 @@ struct Counting {
     in_flight: AtomicU32,
     max_in_flight: AtomicU32,
     upload_delay: Duration,
-    fail_next_upload: AtomicBool,
+    pub(super) fail_next_upload: AtomicBool,
+    /// Deletes the object right after an upload that found it already stored (a `gc` racing
+    /// the sync).
+    pub(super) vanish_after_existing_upload: AtomicBool,
+    /// Written (key, bytes) just before the next GET of a manifest is served (a sync
+    /// elsewhere publishing while `gc` reads the manifests).
+    pub(super) put_before_manifest_get: std::sync::Mutex<Option<(String, Vec<u8>)>>,
 }
 
 impl Counting {
@@ -44,6 +50,8 @@ impl Counting {
             max_in_flight: AtomicU32::new(0),
             upload_delay,
             fail_next_upload: AtomicBool::new(false),
+            vanish_after_existing_upload: AtomicBool::new(false),
+            put_before_manifest_get: std::sync::Mutex::new(None),
         })
     }
 }
@@ -57,6 +65,14 @@ impl ObjectStore for Counting {
         self.inner.head(key).await
     }
     async fn get_bytes(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        let put = if key.starts_with(manifest::MANIFEST_PREFIX) {
+            self.put_before_manifest_get.lock().unwrap().take()
+        } else {
+            None
+        };
+        if let Some((k, data)) = put {
+            self.inner.put_bytes(&k, data, PutCondition::None).await?;
+        }
         self.inner.get_bytes(key).await
     }
     async fn put_bytes(
@@ -100,6 +116,13 @@ impl ObjectStore for Counting {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         if let Ok(r) = &result {
             self.parts_sent.fetch_add(r.parts_sent, Ordering::SeqCst);
+            if r.already_existed
+                && self
+                    .vanish_after_existing_upload
+                    .swap(false, Ordering::SeqCst)
+            {
+                self.inner.delete(key).await?;
+            }
         }
         result
     }
@@ -121,7 +144,7 @@ impl ObjectStore for Counting {
 use super::testenv::SharedStore as Env;
 
 impl Env {
-    async fn counting_node(
+    pub(super) async fn counting_node(
         &self,
         node: &str,
         delay: Duration,
@@ -134,12 +157,12 @@ impl Env {
         (m, counting)
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 }
 
-fn make_tree(root: &Path, variant: &str) {
+pub(super) fn make_tree(root: &Path, variant: &str) {
     std::fs::create_dir_all(root.join("etc/app")).unwrap();
     std::fs::write(root.join("etc/app/config"), format!("variant={variant}\n")).unwrap();
     std::fs::write(root.join("data.bin"), vec![7u8; 100_000]).unwrap();
@@ -152,7 +175,7 @@ fn make_tree(root: &Path, variant: &str) {
 }
 
 /// Path → (kind, mode, size, mtime, content or link target).
-fn describe_tree(root: &Path) -> BTreeMap<String, (String, u32, u64, i64, Vec<u8>)> {
+pub(super) fn describe_tree(root: &Path) -> BTreeMap<String, (String, u32, u64, i64, Vec<u8>)> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (String, u32, u64, i64, Vec<u8>)>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -183,7 +206,7 @@ fn describe_tree(root: &Path) -> BTreeMap<String, (String, u32, u64, i64, Vec<u8
     out
 }
 
-fn id(s: &str) -> ContainerLayerId {
+pub(super) fn id(s: &str) -> ContainerLayerId {
     ContainerLayerId::new("svc", s)
 }
 
@@ -474,8 +497,38 @@ async fn interrupted_sync_is_finished_by_resume_pending() {
     );
 }
 
+/// A sync whose blob was already stored (another identity's, or an old version's content synced
+/// again) uploads it again when a racing `gc` deleted it before the manifest moved to it.
+#[tokio::test]
+async fn a_blob_deleted_by_a_racing_gc_is_uploaded_again() {
+    let env = Env::new();
+    let upper = env.path("upper");
+    make_tree(&upper, "a");
+    let (a, _) = env.counting_node("a", Duration::ZERO).await;
+    let first = a.sync_layer(&id("0"), &upper).await.unwrap();
+    let (b, counting) = env.counting_node("b", Duration::ZERO).await;
+    counting
+        .vanish_after_existing_upload
+        .store(true, Ordering::SeqCst);
+    let out = b
+        .sync_layer_detailed(&id("1"), &upper, SyncOptions::default())
+        .await
+        .unwrap();
+    assert!(out.upload.unwrap().already_existed);
+    assert!(
+        !counting.vanish_after_existing_upload.load(Ordering::SeqCst),
+        "the blob was deleted after the upload found it"
+    );
+    assert_eq!(out.snapshot.digest, first.digest);
+    assert!(env.store.exists(&blob_key(&first.digest)).await.unwrap());
+    let (c, _) = env.counting_node("c", Duration::ZERO).await;
+    let target = env.path("restored");
+    c.restore_layer(&id("1"), &target).await.unwrap().unwrap();
+    assert_eq!(describe_tree(&upper), describe_tree(&target));
+}
+
 /// A sync of identity `0` on node `a` that packed its tree and then failed its upload.
-async fn interrupted_sync() -> (Env, PathBuf, LayerSyncManager, Arc<Counting>) {
+pub(super) async fn interrupted_sync() -> (Env, PathBuf, LayerSyncManager, Arc<Counting>) {
     let env = Env::new();
     let upper = env.path("upper");
     make_tree(&upper, "a");
@@ -609,6 +662,7 @@ fn restore_is_capped_at_the_declared_size() {
         created_at: chrono::Utc::now(),
         seq: 1,
         base: None,
+        rolled_back_from: None,
     };
     let o = super::restore::restore_limits(&cfg, &entry, crate::archive::XattrNs::User);
     assert_eq!(o.max_uncompressed, 10_000_000);

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 
 use super::error::Result;
 use super::{
-    ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
-    UploadReport, normalize_prefix, validate_key,
+    ListedObject, ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError,
+    UploadJournal, UploadReport, keys_of, normalize_prefix, validate_key,
 };
 use crate::config::LayerStorageConfig;
 use crate::sys::private;
@@ -337,6 +337,7 @@ impl ObjectStore for LocalStore {
                 Ok(etag) => Ok(Some(ObjectInfo {
                     size: meta.len(),
                     etag: Some(etag),
+                    last_modified: meta.modified().ok(),
                 })),
                 Err(e) if is_absent(&e) => Ok(None),
                 Err(e) => Err(io_err("read", &path)(e)),
@@ -402,6 +403,10 @@ impl ObjectStore for LocalStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(keys_of(self.list_info(prefix).await?))
+    }
+
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ListedObject>> {
         // Walk only the deepest directory the prefix names.
         let dir_part = prefix.rfind('/').map_or("", |i| &prefix[..i]);
         if !dir_part.is_empty() {
@@ -410,15 +415,29 @@ impl ObjectStore for LocalStore {
         let (start, prefix) = (self.base.join(dir_part), prefix.to_string());
         let rel = dir_part.to_string();
         blocking(&start.clone(), move || {
-            let mut keys = Vec::new();
-            walk(&start, &rel, &mut |key, _, _| {
+            let mut objects = Vec::new();
+            walk(&start, &rel, &mut |key, _, meta| {
                 let name = key.rsplit('/').next().unwrap_or(key);
                 if !name.starts_with(RESERVED_PREFIX) && key.starts_with(&prefix) {
-                    keys.push(key.to_string());
+                    objects.push(ListedObject {
+                        key: key.to_string(),
+                        size: meta.len(),
+                        last_modified: meta.modified().ok(),
+                    });
                 }
             })?;
-            keys.sort();
-            Ok(keys)
+            objects.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(objects)
+        })
+        .await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool> {
+        let path = self.path_of(key)?;
+        blocking(&path.clone(), move || match std::fs::metadata(&path) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if is_absent(&e) => Ok(false),
+            Err(e) => Err(io_err("stat", &path)(e)),
         })
         .await
     }

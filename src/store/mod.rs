@@ -12,7 +12,7 @@ mod s3;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use error::StoreError;
 pub use growing::{GrowingFile, SpoolFeed, SpoolLen};
@@ -36,6 +36,19 @@ pub struct ObjectInfo {
     pub size: u64,
     /// Opaque version tag for [`PutCondition::IfMatch`] (quoted, as S3 returns it).
     pub etag: Option<String>,
+    /// When the object was last written (S3 `Last-Modified`, the file's mtime); `None` when the
+    /// backend did not say. Garbage collection treats `None` as "just written".
+    pub last_modified: Option<SystemTime>,
+}
+
+/// One object of [`ObjectStore::list_info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Key relative to the store prefix.
+    pub key: String,
+    pub size: u64,
+    /// As [`ObjectInfo::last_modified`].
+    pub last_modified: Option<SystemTime>,
 }
 
 /// Precondition of [`ObjectStore::put_bytes`].
@@ -156,6 +169,29 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Keys (relative to the store prefix) starting with `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>>;
 
+    /// [`ObjectStore::list`] with each object's size and last-modified time, sorted by key.
+    /// The default HEADs every key (objects deleted in between are left out); backends whose
+    /// listing carries both override it.
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ListedObject>> {
+        let mut out = Vec::new();
+        for key in self.list(prefix).await? {
+            if let Some(info) = self.head(&key).await? {
+                out.push(ListedObject {
+                    key,
+                    size: info.size,
+                    last_modified: info.last_modified,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `key` exists. The default is a HEAD; backends where a HEAD reads the whole
+    /// object (the local store hashes it for the etag) override it.
+    async fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.head(key).await?.is_some())
+    }
+
     /// Removes `key`; a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<()>;
 
@@ -258,6 +294,11 @@ pub(crate) fn normalize_prefix(prefix: &str) -> Result<String> {
     }
     validate_key(trimmed)?;
     Ok(format!("{trimmed}/"))
+}
+
+/// The keys of a [`ObjectStore::list_info`] result (backends list through it).
+pub(crate) fn keys_of(objects: Vec<ListedObject>) -> Vec<String> {
+    objects.into_iter().map(|o| o.key).collect()
 }
 
 /// The last path segment up to its first `.`: the digest of `{digest}.tar.zst`.

@@ -13,8 +13,8 @@ use super::{
 use crate::store::error::Result;
 use crate::store::local::RESERVED_PREFIX;
 use crate::store::{
-    GrowingFile, ObjectInfo, ObjectStore, PrefixReady, Progress, PutCondition, PutOutcome,
-    StoreError, StreamedUpload, UploadJournal, UploadReport,
+    GrowingFile, ListedObject, ObjectInfo, ObjectStore, PrefixReady, Progress, PutCondition,
+    PutOutcome, StoreError, StreamedUpload, UploadJournal, UploadReport, keys_of,
 };
 
 fn to_u64(v: Option<i64>) -> u64 {
@@ -40,6 +40,9 @@ impl ObjectStore for S3Store {
             Ok(o) => Ok(Some(ObjectInfo {
                 size: to_u64(o.content_length()),
                 etag: o.e_tag().map(str::to_string),
+                last_modified: o
+                    .last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok()),
             })),
             Err(e) => {
                 let err = s3_err("head", self.location(&full), e);
@@ -215,6 +218,10 @@ impl ObjectStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(keys_of(self.list_info(prefix).await?))
+    }
+
+    async fn list_info(&self, prefix: &str) -> Result<Vec<ListedObject>> {
         let full_prefix = format!("{}{prefix}", self.prefix);
         let mut pages = self
             .client
@@ -223,7 +230,7 @@ impl ObjectStore for S3Store {
             .prefix(&full_prefix)
             .into_paginator()
             .send();
-        let mut keys = Vec::new();
+        let mut objects = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| s3_err("list", self.location(&full_prefix), e))?;
             for obj in page.contents() {
@@ -231,12 +238,18 @@ impl ObjectStore for S3Store {
                     continue;
                 };
                 if !rel.split('/').any(|c| c.starts_with(RESERVED_PREFIX)) {
-                    keys.push(rel.to_string());
+                    objects.push(ListedObject {
+                        key: rel.to_string(),
+                        size: to_u64(obj.size()),
+                        last_modified: obj
+                            .last_modified()
+                            .and_then(|t| SystemTime::try_from(*t).ok()),
+                    });
                 }
             }
         }
-        keys.sort();
-        Ok(keys)
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
