@@ -46,6 +46,17 @@ pub enum Command {
     Hook(HookCommand),
     /// Ask the running daemon to sync a stopped container's layer to the store now.
     Flush(FlushArgs),
+    /// Drop an identity's layer from the store (asks for confirmation).
+    Forget(ForgetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Identity as SERVICE/INSTANCE.
+    pub id: String,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@
 //! Errors are printed once, here, as one line with the whole cause chain.
 
 mod flush;
+mod forget;
 mod gc;
 mod hook;
 mod ls;
@@ -94,6 +95,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             Command::Version | Command::Hook(_) => Ok(exit::OK),
             Command::Snapshotter(args) => snapshotter::run(&config, &args).await,
             Command::Flush(args) => flush::run(&config, args).await,
+            Command::Forget(args) => forget::run(&config, args).await,
         }
     });
     match result {

@@ -85,12 +85,65 @@ impl Control {
 impl Control {
     /// Identities in the store (the cross-node view).
     pub async fn list(&self) -> Result<crate::proto::control::ListResponse, ControlError> {
-        Err(ControlError::invalid("list: not yet"))
+        let ids = self
+            .persistence
+            .manager()
+            .list_identities()
+            .await
+            .map_err(|source| ControlError::Layer {
+                op: "list",
+                identity: "the identities in the store".to_string(),
+                source: Box::new(source),
+            })?;
+        Ok(crate::proto::control::ListResponse {
+            identities: ids
+                .into_iter()
+                .map(|i| crate::proto::control::StoredIdentity {
+                    identity: i.identity.to_string(),
+                    digest: i.digest,
+                    seq: i.seq,
+                    compressed_size_bytes: i.compressed_size_bytes,
+                    size_bytes: i.size_bytes,
+                    created_unix_ms: i.created_at.timestamp_millis(),
+                    versions: u32::try_from(i.versions).unwrap_or(u32::MAX),
+                })
+                .collect(),
+        })
     }
 
-    /// Drops `identity`'s manifest from the store.
+    /// Drops `identity`'s manifest from the store; refused while this node holds it in a
+    /// live snapshot or has layers of it queued (they would bring it back, or be lost).
     pub async fn forget(&self, identity: &ContainerLayerId) -> Result<bool, ControlError> {
-        let _ = identity;
-        Err(ControlError::invalid("forget: not yet"))
+        let p = Arc::clone(&self.persistence);
+        let (live, queued) = tokio::task::spawn_blocking(move || {
+            Ok::<_, ControlError>((p.live_identities()?, p.queued()?))
+        })
+        .await
+        .map_err(|e| ControlError::invalid(format!("forget task failed: {e}")))??;
+        if let Some((_, key)) = live.iter().find(|(i, _)| i == identity) {
+            return Err(ControlError::InUse {
+                identity: identity.to_string(),
+                reason: format!("held by live snapshot {key}"),
+            });
+        }
+        let n = queued.iter().filter(|r| &r.identity == identity).count();
+        if n > 0 {
+            return Err(ControlError::InUse {
+                identity: identity.to_string(),
+                reason: format!("{n} layers of it are queued for upload"),
+            });
+        }
+        let forgotten = self
+            .persistence
+            .manager()
+            .forget(identity)
+            .await
+            .map_err(|source| ControlError::Layer {
+                op: "forget",
+                identity: identity.to_string(),
+                source: Box::new(source),
+            })?;
+        tracing::warn!(%identity, manifest_deleted = forgotten.manifest_deleted, "identity forgotten");
+        Ok(forgotten.manifest_deleted)
     }
 }

@@ -420,7 +420,6 @@ impl SnapshotterDaemon {
         &self.socket
     }
 
-
     /// Everything the daemon logged so far (across restarts).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
