@@ -32,8 +32,13 @@ fi
 work=$(mktemp -d /tmp/zl-hook-bench.XXXXXX)
 listener_pid=
 cleanup() {
-  [ -n "$listener_pid" ] && kill "$listener_pid" 2>/dev/null && wait "$listener_pid" 2>/dev/null
+  local rc=$?
+  if [ -n "$listener_pid" ]; then
+    kill "$listener_pid" 2>/dev/null || true
+    wait "$listener_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
+  exit "$rc"
 }
 trap cleanup EXIT
 
