@@ -4,7 +4,8 @@
 //! - 0: success
 //! - 1: runtime failure (I/O, object store, archive, state database)
 //! - 2: usage error (bad flags or arguments; clap uses it too)
-//! - 3: configuration error (unreadable or invalid config file, bad `ZLAYER_STORAGE_*` value)
+//! - 3: configuration error (unreadable or invalid config file, bad `ZLAYER_STORAGE_*` value,
+//!   a socket passed by systemd that is not a listening unix stream socket)
 //! - 4: nothing to restore (the identity has no layer in the store)
 //!
 //! Errors are printed once, here, as one line with the whole cause chain.
@@ -21,6 +22,7 @@ use std::path::Path;
 
 use zlayer_storage::layer::LayerError;
 use zlayer_storage::store::StoreError;
+use zlayer_storage::sys::systemd::Activated;
 use zlayer_storage::{Config, ContainerLayerId};
 
 use crate::cli::{Cli, Command};
@@ -58,6 +60,19 @@ pub fn dispatch(cli: Cli) -> u8 {
         config.log.filter.as_deref(),
         kind,
     );
+    // Sockets passed by systemd are adopted before the runtime starts threads: adopting them
+    // unsets LISTEN_* in the environment.
+    let activated = match cli.command {
+        // SAFETY: still single-threaded, and nothing has touched descriptors from 3 on.
+        Command::Snapshotter(_) => match unsafe { Activated::take_from_env() } {
+            Ok(a) => a,
+            Err(e) => {
+                report(&anyhow::Error::new(e));
+                return exit::CONFIG;
+            }
+        },
+        _ => Activated::default(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -75,7 +90,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             Command::Status(args) => status::run(&config, args).await,
             Command::Gc => gc::run(&config).await,
             Command::Version => Ok(exit::OK),
-            Command::Snapshotter(args) => snapshotter::run(&config, &args).await,
+            Command::Snapshotter(args) => snapshotter::run(&config, &args, activated).await,
         }
     });
     match result {

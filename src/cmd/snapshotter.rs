@@ -10,6 +10,7 @@ use zlayer_storage::snapshotter::containers::ContainerdContainers;
 use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
 use zlayer_storage::sys::overlay::OverlayFeatures;
+use zlayer_storage::sys::systemd::{self, Activated};
 
 use crate::cli::SnapshotterArgs;
 
@@ -18,8 +19,14 @@ use super::exit;
 /// Opens the layer store and the snapshotter root (flags override the config file), starts
 /// the upload worker and serves the socket. A signal stops accepting requests, lets in-flight
 /// ones finish and stops the worker; queued uploads stay in the outbox and resume at the next
-/// start. No state is deleted.
-pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> {
+/// start. No state is deleted. Sockets passed by systemd (`activated`, by
+/// `FileDescriptorName=`) are served instead of binding the configured paths; systemd hears
+/// `READY=1` once they listen and `STOPPING=1` at the signal.
+pub async fn run(
+    config: &Config,
+    args: &SnapshotterArgs,
+    mut activated: Activated,
+) -> anyhow::Result<u8> {
     let root = args
         .root
         .clone()
@@ -58,6 +65,11 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
             .await
             .context("snapshotter start-up task failed")?
             .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
+    let listening = systemd::take_listener(&mut activated, "snapshotter", &socket)
+        .context("cannot listen for the Snapshots API")?;
+    if !activated.is_empty() {
+        tracing::warn!(names = ?activated.names(), "systemd passed sockets nothing here serves");
+    }
     tracing::info!(
         root = %root.display(),
         index_off = features.index_off,
@@ -72,13 +84,30 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
     );
     let stop = CancellationToken::new();
     let worker = persistence.spawn_worker(stop.clone());
-    let served = server::serve(Arc::new(core), &socket, shutdown_signal()).await;
+    notify("READY=1\nSTATUS=serving snapshots");
+    let shutdown = async {
+        shutdown_signal().await;
+        notify("STOPPING=1");
+    };
+    let served = server::serve(Arc::new(core), listening, shutdown).await;
     stop.cancel();
     if let Err(e) = worker.await {
         tracing::warn!(error = %e, "upload worker ended abnormally");
     }
     served?;
     Ok(exit::OK)
+}
+
+/// Tells systemd `state` when it asked (`NOTIFY_SOCKET`); a failure is only logged (a lost
+/// `READY=1` makes systemd time the start out and restart us).
+fn notify(state: &str) {
+    match systemd::notify(state) {
+        Ok(true) => tracing::debug!(state, "notified systemd"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot notify systemd")
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT. If the handlers cannot be installed, only SIGINT via
