@@ -8,6 +8,7 @@ mod containerd_e2e;
 mod containerd_restore;
 mod layer_cli;
 mod snapshotter_conformance;
+mod socket_activation;
 mod store_s3;
 mod store_stream;
 mod util;

@@ -6,6 +6,7 @@
 //! the host's containerd; shim sockets are keyed by our socket path. Drop kills tasks, containerd,
 //! leftover shims, and unmounts whatever is still mounted under the temp dir.
 
+mod activation;
 mod client;
 mod procs;
 mod snapshotter;

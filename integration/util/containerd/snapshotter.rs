@@ -13,6 +13,7 @@ use zlayer_storage::config::{
     BackendKind, Config, LayerStorageConfig, OnBaseChange, PersistPolicy,
 };
 
+use super::activation::Activation;
 use super::procs::{signal, stop_child};
 
 /// The binary under test: cargo's build for this test run, or `$ZLAYER_STORAGE_BIN` (e.g. a
@@ -166,6 +167,8 @@ pub struct SnapshotterOptions {
     /// `[snapshotter] containerd_address` to write instead of the node's real containerd socket
     /// (e.g. a path where nothing listens).
     pub containerd_address: Option<PathBuf>,
+    /// Socket-activate the daemon: the fixture holds the socket (see [`Activation`]).
+    pub socket_activation: bool,
 }
 
 impl SnapshotterOptions {
@@ -177,6 +180,7 @@ impl SnapshotterOptions {
             on_base_change: OnBaseChange::default(),
             snapshotter_extra: toml::Table::new(),
             containerd_address: None,
+            socket_activation: false,
         }
     }
 
@@ -191,6 +195,13 @@ impl SnapshotterOptions {
     #[must_use]
     pub fn with_containerd_address(mut self, address: &Path) -> Self {
         self.containerd_address = Some(address.to_path_buf());
+        self
+    }
+
+    /// Starts the daemon the way systemd's socket units do (see [`Activation`]).
+    #[must_use]
+    pub fn with_socket_activation(mut self) -> Self {
+        self.socket_activation = true;
         self
     }
 
@@ -216,6 +227,8 @@ pub struct SnapshotterDaemon {
     log_path: PathBuf,
     options: SnapshotterOptions,
     child: Option<Child>,
+    /// The held socket and received notifications, when socket-activated.
+    pub activation: Option<Activation>,
 }
 
 impl SnapshotterDaemon {
@@ -233,6 +246,9 @@ impl SnapshotterDaemon {
             config_path: dir.join("storage.toml"),
             cli_config_path: dir.join("cli.toml"),
             log_path: dir.join("snapshotter.log"),
+            activation: options
+                .socket_activation
+                .then(|| Activation::bind(socket, dir)),
             options,
             child: None,
         };
@@ -285,10 +301,23 @@ impl SnapshotterDaemon {
         assert!(self.child.is_none(), "snapshotter already running");
         let (out, err) = log_file(&self.log_path);
         let bin = bin();
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("snapshotter")
+        let args = [
+            "--config".as_ref(),
+            self.config_path.as_os_str(),
+            "snapshotter".as_ref(),
+        ];
+        let mut cmd = match self.activation.as_mut() {
+            Some(a) => {
+                a.drain();
+                a.command(&bin, &args)
+            }
+            None => {
+                let mut c = Command::new(&bin);
+                c.args(args);
+                c
+            }
+        };
+        let child = cmd
             .env("RUST_LOG", "info,zlayer_storage=debug")
             .env("NO_COLOR", "1")
             .env_remove("ZLAYER_CONFIG")
@@ -302,6 +331,16 @@ impl SnapshotterDaemon {
     }
 
     fn wait_ready(&mut self, timeout: Duration) {
+        if let Some(mut activation) = self.activation.take() {
+            // The held socket accepts connections before the daemon serves: wait for READY=1.
+            let log_path = self.log_path.clone();
+            let child = self.child.as_mut().expect("snapshotter spawned");
+            activation.wait_ready(child, timeout, || {
+                fs::read_to_string(&log_path).unwrap_or_default()
+            });
+            self.activation = Some(activation);
+            return;
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(child) = self.child.as_mut()

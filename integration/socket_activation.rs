@@ -1,0 +1,179 @@
+//! Restarting the snapshotter under a loop of `ctr run --rm` (issue 8 §7). With socket
+//! activation the listening socket outlives the daemon, so containerd's connections wait in its
+//! backlog for the next process and no run fails. Without it, containerd's gRPC channel meets a
+//! refused (then missing) socket, goes into reconnect backoff, and runs fail until it retries.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::util::containerd::{
+    Containerd, Node, SNAPSHOTTER, SnapshotterDaemon, SnapshotterOptions, require_containerd,
+};
+use crate::util::image::IMAGE_REF;
+
+/// Daemon restarts per test.
+const RESTARTS: usize = 5;
+/// Time between restarts, so runs overlap every phase (stopping, down, starting, serving).
+const BETWEEN: Duration = Duration::from_millis(1500);
+
+/// What the `ctr run --rm` loop saw.
+#[derive(Debug, Default)]
+struct Runs {
+    ok: usize,
+    /// (run name, ctr's stderr) of each failed run.
+    failed: Vec<(String, String)>,
+    /// Time from the start of the first to the end of the last run of each streak of failed
+    /// runs, summed: how long containers could not be started.
+    failing_for: Duration,
+    /// The longest run: under activation, one that waited in the backlog for the next daemon.
+    slowest: Duration,
+}
+
+/// Runs `ctr run --rm` through zlayer in a loop while the daemon is restarted [`RESTARTS`]
+/// times (SIGTERM, `down` with no daemon, then a new process on the same config), and a
+/// little longer after.
+fn restart_under_load(node: &mut Node, prefix: &str, down: Duration) -> Runs {
+    let stop = AtomicBool::new(false);
+    let containerd: &Containerd = &node.containerd;
+    let snapshotter: &mut SnapshotterDaemon = &mut node.snapshotter;
+    std::thread::scope(|scope| {
+        let looper = scope.spawn(|| {
+            let mut runs = Runs::default();
+            let mut n = 0;
+            let mut streak: Option<Instant> = None;
+            while !stop.load(Ordering::SeqCst) {
+                let began = Instant::now();
+                n += 1;
+                let id = format!("{prefix}-{n}");
+                let out = containerd.ctr(&[
+                    "run",
+                    "--rm",
+                    "--snapshotter",
+                    SNAPSHOTTER,
+                    IMAGE_REF,
+                    &id,
+                    "/bin/true",
+                ]);
+                runs.slowest = runs.slowest.max(began.elapsed());
+                if out.status.success() {
+                    runs.ok += 1;
+                    if let Some(first) = streak.take() {
+                        runs.failing_for += began - first;
+                    }
+                } else {
+                    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                    runs.failed.push((id, err));
+                    streak.get_or_insert(began);
+                }
+            }
+            if let Some(first) = streak {
+                runs.failing_for += first.elapsed();
+            }
+            runs
+        });
+        for _ in 0..RESTARTS {
+            std::thread::sleep(BETWEEN);
+            snapshotter.stop();
+            std::thread::sleep(down);
+            snapshotter.spawn();
+        }
+        std::thread::sleep(BETWEEN);
+        stop.store(true, Ordering::SeqCst);
+        looper.join().expect("ctr loop thread")
+    })
+}
+
+#[test]
+fn restarts_under_socket_activation_fail_no_container_run() {
+    if !require_containerd() {
+        return;
+    }
+    let store = tempfile::tempdir().expect("store dir");
+    let mut node = Node::start(SnapshotterOptions::local(store.path()).with_socket_activation());
+    let started = Instant::now();
+    // Down for half a second each time, like an upgrade replacing the binary.
+    let runs = restart_under_load(&mut node, "sa", Duration::from_millis(500));
+    let elapsed = started.elapsed();
+    eprintln!(
+        "socket activation: {} runs ok, {} failed, slowest {:.1?}, {RESTARTS} restarts in \
+         {elapsed:.1?}",
+        runs.ok,
+        runs.failed.len(),
+        runs.slowest
+    );
+    assert!(
+        runs.failed.is_empty(),
+        "{} of {} runs failed across {RESTARTS} socket-activated restarts:\n{:#?}",
+        runs.failed.len(),
+        runs.ok + runs.failed.len(),
+        runs.failed
+    );
+    // Runs overlapped the restarts (each restart window saw traffic).
+    assert!(
+        runs.ok > RESTARTS * 2,
+        "only {} runs in {elapsed:?}: the loop did not overlap the restarts",
+        runs.ok
+    );
+    let activation = node.snapshotter.activation.as_ref().expect("activated");
+    assert_eq!(
+        activation.count("READY=1"),
+        RESTARTS + 1,
+        "{:?}",
+        activation.messages
+    );
+    assert_eq!(
+        activation.count("STOPPING=1"),
+        RESTARTS,
+        "{:?}",
+        activation.messages
+    );
+    // The daemon left systemd's socket file in place at every stop.
+    assert!(node.snapshotter.socket().exists());
+    // A container still runs through it.
+    node.containerd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        IMAGE_REF,
+        "sa-after",
+        "/bin/true",
+    ]);
+}
+
+/// The counterfactual: the same restarts with the daemon binding the path itself, and no
+/// downtime between the processes. Measured (containerd 1.6.20, 2 shared cores): 16 runs ok,
+/// 171 failed with "connection refused" (Unavailable); containers could not start for 4.7 s
+/// in total, about 0.9 s per restart, while containerd's channel sat in reconnect backoff.
+#[test]
+fn plain_restarts_fail_container_runs() {
+    if !require_containerd() {
+        return;
+    }
+    let store = tempfile::tempdir().expect("store dir");
+    let mut node = Node::start(SnapshotterOptions::local(store.path()));
+    let started = Instant::now();
+    // Restarted at once: the best case without activation.
+    let runs = restart_under_load(&mut node, "plain", Duration::ZERO);
+    eprintln!(
+        "plain restart: {} runs ok, {} failed (failing for {:.1?}), {RESTARTS} restarts in {:.1?}",
+        runs.ok,
+        runs.failed.len(),
+        runs.failing_for,
+        started.elapsed(),
+    );
+    assert!(
+        !runs.failed.is_empty(),
+        "no run failed across {RESTARTS} plain restarts: the socket-activation test proves nothing"
+    );
+    let refused = runs
+        .failed
+        .iter()
+        .filter(|(_, e)| e.contains("connection refused") || e.contains("no such file"))
+        .count();
+    assert!(
+        refused > 0,
+        "failed runs, but none for a refused or missing socket:\n{:#?}",
+        runs.failed
+    );
+}
