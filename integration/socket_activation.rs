@@ -3,6 +3,7 @@
 //! backlog for the next process and no run fails. Without it, containerd's gRPC channel meets a
 //! refused (then missing) socket, goes into reconnect backoff, and runs fail until it retries.
 
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,19 @@ struct Runs {
     slowest: Duration,
 }
 
+/// `ctr run --rm` of `/bin/true` in a container `id` on the zlayer snapshotter.
+fn run_true(containerd: &Containerd, id: &str) -> Output {
+    containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        IMAGE_REF,
+        id,
+        "/bin/true",
+    ])
+}
+
 /// Runs `ctr run --rm` through zlayer in a loop while the daemon is restarted [`RESTARTS`]
 /// times (SIGTERM, `down` with no daemon, then a new process on the same config), and a
 /// little longer after.
@@ -45,15 +59,7 @@ fn restart_under_load(node: &mut Node, prefix: &str, down: Duration) -> Runs {
                 let began = Instant::now();
                 n += 1;
                 let id = format!("{prefix}-{n}");
-                let out = containerd.ctr(&[
-                    "run",
-                    "--rm",
-                    "--snapshotter",
-                    SNAPSHOTTER,
-                    IMAGE_REF,
-                    &id,
-                    "/bin/true",
-                ]);
+                let out = run_true(containerd, &id);
                 runs.slowest = runs.slowest.max(began.elapsed());
                 if out.status.success() {
                     runs.ok += 1;
@@ -130,15 +136,8 @@ fn restarts_under_socket_activation_fail_no_container_run() {
     // The daemon left systemd's socket file in place at every stop.
     assert!(node.snapshotter.socket().exists());
     // A container still runs through it.
-    node.containerd.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        SNAPSHOTTER,
-        IMAGE_REF,
-        "sa-after",
-        "/bin/true",
-    ]);
+    let out = run_true(&node.containerd, "sa-after");
+    assert!(out.status.success(), "{out:?}");
 }
 
 /// The counterfactual: the same restarts with the daemon binding the path itself, and no
