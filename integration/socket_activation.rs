@@ -176,3 +176,50 @@ fn plain_restarts_fail_container_runs() {
         runs.failed
     );
 }
+
+/// The shipped socket units listen where the default config says the sockets are, under the
+/// names the daemon takes them by, and the service takes both.
+#[test]
+fn packaged_units_match_the_daemon() {
+    use zlayer_storage::sys::systemd::{CONTROL_SOCKET, SNAPSHOTTER_SOCKET};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd");
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
+    };
+    let defaults = zlayer_storage::SnapshotterConfig::default();
+    for (unit, fd_name, path) in [
+        (
+            "zlayer-snapshotter.socket",
+            SNAPSHOTTER_SOCKET,
+            &defaults.socket,
+        ),
+        (
+            "zlayer-control.socket",
+            CONTROL_SOCKET,
+            &defaults.control_socket,
+        ),
+    ] {
+        let text = read(unit);
+        for line in [
+            format!("ListenStream={}", path.display()),
+            format!("FileDescriptorName={fd_name}"),
+            "SocketMode=0660".to_string(),
+            "Service=zlayer-snapshotter.service".to_string(),
+            "Before=containerd.service".to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{unit} lacks {line:?}");
+        }
+    }
+    let service = read("zlayer-snapshotter.service");
+    for line in [
+        "Type=notify",
+        "Restart=always",
+        "Sockets=zlayer-snapshotter.socket zlayer-control.socket",
+        "ExecStart=/usr/bin/zlayer-storage snapshotter",
+    ] {
+        assert!(
+            service.lines().any(|l| l == line),
+            "zlayer-snapshotter.service lacks {line:?}"
+        );
+    }
+}

@@ -65,7 +65,7 @@ pub async fn run(
             .await
             .context("snapshotter start-up task failed")?
             .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
-    let listening = systemd::take_listener(&mut activated, "snapshotter", &socket)
+    let listening = systemd::take_listener(&mut activated, systemd::SNAPSHOTTER_SOCKET, &socket)
         .context("cannot listen for the Snapshots API")?;
     if !activated.is_empty() {
         tracing::warn!(names = ?activated.names(), "systemd passed sockets nothing here serves");

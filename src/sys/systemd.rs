@@ -20,6 +20,11 @@ use rustix::net::{AddressFamily, SocketType};
 
 use super::socket::{SocketError, bind_unix};
 
+/// `FileDescriptorName=` of the Snapshots API socket (packaging/systemd/zlayer-snapshotter.socket).
+pub const SNAPSHOTTER_SOCKET: &str = "snapshotter";
+/// `FileDescriptorName=` of the control socket (packaging/systemd/zlayer-control.socket).
+pub const CONTROL_SOCKET: &str = "control";
+
 /// The first inherited descriptor (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
 /// Name systemd gives a descriptor when `LISTEN_FDNAMES` is absent.
