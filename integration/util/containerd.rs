@@ -17,6 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use activation::inherit_as_fd3;
 pub use client::snapshots_client;
 pub use procs::{mounts_under, unmount_under, wait_until};
 pub use snapshotter::{

@@ -55,22 +55,7 @@ impl Activation {
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDNAMES", "snapshotter")
             .env("NOTIFY_SOCKET", &self.notify_path);
-        let fd = self.listener.as_raw_fd();
-        // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl,
-        // which are async-signal-safe; `fd` stays open in the parent for the whole spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if fd == FIRST_FD {
-                    // dup2 onto itself keeps close-on-exec set; clear it instead.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, FIRST_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        inherit_as_fd3(&mut cmd, self.listener.as_raw_fd());
         cmd
     }
 
@@ -117,5 +102,25 @@ impl Activation {
             .recv(&mut buf)
             .ok()
             .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+/// Makes `fd` the child's fd 3 (without close-on-exec), as systemd passes its first socket.
+/// `fd` must stay open until the child is spawned.
+pub fn inherit_as_fd3(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl,
+    // which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == FIRST_FD {
+                // dup2 onto itself keeps close-on-exec set; clear it instead.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, FIRST_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
