@@ -64,7 +64,13 @@ fn run_args<'a>(
     args
 }
 
-fn run_zlayer(c: &Containerd, identity: Option<&str>, rm: bool, id: &str, script: &str) -> String {
+pub(crate) fn run_zlayer(
+    c: &Containerd,
+    identity: Option<&str>,
+    rm: bool,
+    id: &str,
+    script: &str,
+) -> String {
     let mut label = String::new();
     c.ctr_ok(&run_args(identity, &mut label, rm, id, script))
 }

@@ -46,6 +46,7 @@ state_db_path = "$z/state.sqlite"
 [snapshotter]
 root = "$z/root"
 socket = "$ZL_SOCKET"
+control_socket = "$BENCH_DIR/zlayer-control.sock"
 containerd_address = "$BENCH_DIR/containerd/containerd.sock"
 persist = "labeled"
 CFG

@@ -168,10 +168,11 @@ impl Daemon {
         // of a container-like key would fail closed on the lookup.
         let storage = format!(
             "[storage]\nlocal_store_dir = {:?}\nstaging_dir = {:?}\nstate_db_path = {:?}\n\
-             [snapshotter]\ncontainer_lookup = false\n",
+             [snapshotter]\ncontainer_lookup = false\ncontrol_socket = {:?}\n",
             dir.join("store"),
             dir.join("staging"),
-            dir.join("state.sqlite")
+            dir.join("state.sqlite"),
+            dir.join("run/control.sock")
         );
         std::fs::write(&config, storage).unwrap();
         let root = dir.join("root");

@@ -3,12 +3,13 @@
 //! backlog for the next process and no run fails. Without it, containerd's gRPC channel meets a
 //! refused (then missing) socket, goes into reconnect backoff, and runs fail until it retries.
 
-use std::process::Output;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::util::containerd::{
-    Containerd, Node, SNAPSHOTTER, SnapshotterDaemon, SnapshotterOptions, inherit_as_fd3,
+    Containerd, Node, SNAPSHOTTER, SnapshotterDaemon, SnapshotterOptions, inherit_from_fd3,
     require_containerd,
 };
 use crate::util::image::IMAGE_REF;
@@ -18,17 +19,26 @@ const RESTARTS: usize = 5;
 /// Time between restarts, so runs overlap every phase (stopping, down, starting, serving).
 const BETWEEN: Duration = Duration::from_millis(1500);
 
-/// What the `ctr run --rm` loop saw.
+/// What one client loop saw.
 #[derive(Debug, Default)]
 struct Runs {
     ok: usize,
-    /// (run name, ctr's stderr) of each failed run.
+    /// (call name, error output) of each failed call.
     failed: Vec<(String, String)>,
-    /// Time from the start of the first to the end of the last run of each streak of failed
-    /// runs, summed: how long containers could not be started.
+    /// Time from the start of the first to the end of the last call of each streak of failed
+    /// calls, summed: how long the service was unusable.
     failing_for: Duration,
-    /// The longest run: under activation, one that waited in the backlog for the next daemon.
+    /// The longest call: under activation, one that waited in the backlog for the next daemon.
     slowest: Duration,
+}
+
+/// What the two loops saw while the daemon restarted.
+#[derive(Debug)]
+struct Restarts {
+    /// `ctr run --rm` through the zlayer snapshotter (the Snapshots API socket).
+    runs: Runs,
+    /// `zlayer-storage status --json` answered by the daemon (the control socket).
+    status: Runs,
 }
 
 /// `ctr run --rm` of `/bin/true` in a container `id` on the zlayer snapshotter.
@@ -44,39 +54,84 @@ fn run_true(containerd: &Containerd, id: &str) -> Output {
     ])
 }
 
-/// Runs `ctr run --rm` through zlayer in a loop while the daemon is restarted [`RESTARTS`]
-/// times (SIGTERM, `down` with no daemon, then a new process on the same config), and a
-/// little longer after.
-fn restart_under_load(node: &mut Node, prefix: &str, down: Duration) -> Runs {
-    let stop = AtomicBool::new(false);
-    let containerd: &Containerd = &node.containerd;
-    let snapshotter: &mut SnapshotterDaemon = &mut node.snapshotter;
-    std::thread::scope(|scope| {
-        let looper = scope.spawn(|| {
-            let mut runs = Runs::default();
-            let mut n = 0;
-            let mut streak: Option<Instant> = None;
-            while !stop.load(Ordering::SeqCst) {
-                let began = Instant::now();
-                n += 1;
-                let id = format!("{prefix}-{n}");
-                let out = run_true(containerd, &id);
-                runs.slowest = runs.slowest.max(began.elapsed());
-                if out.status.success() {
-                    runs.ok += 1;
-                    if let Some(first) = streak.take() {
-                        runs.failing_for += began - first;
-                    }
-                } else {
-                    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-                    runs.failed.push((id, err));
-                    streak.get_or_insert(began);
+/// `zlayer-storage status --json` on the daemon's config: an error unless the daemon itself
+/// answered (without it the CLI falls back to reading the state on disk).
+fn daemon_status(cli_config: &Path) -> Result<(), String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_zlayer-storage"))
+        .arg("--config")
+        .arg(cli_config)
+        .args(["status", "--json"])
+        .env_remove("ZLAYER_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.contains("\"daemon\"") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}{}",
+            out.status,
+            stdout.chars().take(200).collect::<String>(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Calls `op` (numbered from 1) until `stop` is set.
+fn call_until(stop: &AtomicBool, op: impl Fn(usize) -> Result<(), (String, String)>) -> Runs {
+    let mut runs = Runs::default();
+    let mut streak: Option<Instant> = None;
+    let mut n = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let began = Instant::now();
+        n += 1;
+        let result = op(n);
+        runs.slowest = runs.slowest.max(began.elapsed());
+        match result {
+            Ok(()) => {
+                runs.ok += 1;
+                if let Some(first) = streak.take() {
+                    runs.failing_for += began - first;
                 }
             }
-            if let Some(first) = streak {
-                runs.failing_for += first.elapsed();
+            Err(failure) => {
+                runs.failed.push(failure);
+                streak.get_or_insert(began);
             }
-            runs
+        }
+    }
+    if let Some(first) = streak {
+        runs.failing_for += first.elapsed();
+    }
+    runs
+}
+
+/// Runs `ctr run --rm` through zlayer and `status` through the control socket in loops while
+/// the daemon is restarted [`RESTARTS`] times (SIGTERM, `down` with no daemon, then a new
+/// process on the same config), and a little longer after.
+fn restart_under_load(node: &mut Node, prefix: &str, down: Duration) -> Restarts {
+    let stop = AtomicBool::new(false);
+    let containerd: &Containerd = &node.containerd;
+    let cli_config = node.snapshotter.cli_config_path();
+    let snapshotter: &mut SnapshotterDaemon = &mut node.snapshotter;
+    std::thread::scope(|scope| {
+        let ctr = scope.spawn(|| {
+            call_until(&stop, |n| {
+                let id = format!("{prefix}-{n}");
+                let out = run_true(containerd, &id);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                    Err((id, err))
+                }
+            })
+        });
+        let status = scope.spawn(|| {
+            call_until(&stop, |n| {
+                daemon_status(&cli_config).map_err(|e| (format!("status-{n}"), e))
+            })
         });
         for _ in 0..RESTARTS {
             std::thread::sleep(BETWEEN);
@@ -86,7 +141,10 @@ fn restart_under_load(node: &mut Node, prefix: &str, down: Duration) -> Runs {
         }
         std::thread::sleep(BETWEEN);
         stop.store(true, Ordering::SeqCst);
-        looper.join().expect("ctr loop thread")
+        Restarts {
+            runs: ctr.join().expect("ctr loop thread"),
+            status: status.join().expect("status loop thread"),
+        }
     })
 }
 
@@ -99,14 +157,17 @@ fn restarts_under_socket_activation_fail_no_container_run() {
     let mut node = Node::start(SnapshotterOptions::local(store.path()).with_socket_activation());
     let started = Instant::now();
     // Down for half a second each time, like an upgrade replacing the binary.
-    let runs = restart_under_load(&mut node, "sa", Duration::from_millis(500));
+    let Restarts { runs, status } = restart_under_load(&mut node, "sa", Duration::from_millis(500));
     let elapsed = started.elapsed();
     eprintln!(
-        "socket activation: {} runs ok, {} failed, slowest {:.1?}, {RESTARTS} restarts in \
-         {elapsed:.1?}",
+        "socket activation: {} runs ok, {} failed, slowest {:.1?}; status {} ok, {} failed, \
+         slowest {:.1?}; {RESTARTS} restarts in {elapsed:.1?}",
         runs.ok,
         runs.failed.len(),
-        runs.slowest
+        runs.slowest,
+        status.ok,
+        status.failed.len(),
+        status.slowest
     );
     assert!(
         runs.failed.is_empty(),
@@ -114,6 +175,13 @@ fn restarts_under_socket_activation_fail_no_container_run() {
         runs.failed.len(),
         runs.ok + runs.failed.len(),
         runs.failed
+    );
+    assert!(
+        status.failed.is_empty() && status.ok > RESTARTS,
+        "control socket: {} status calls answered by the daemon, {} not:\n{:#?}",
+        status.ok,
+        status.failed.len(),
+        status.failed
     );
     // Runs overlapped the restarts (each restart window saw traffic).
     assert!(
@@ -134,8 +202,9 @@ fn restarts_under_socket_activation_fail_no_container_run() {
         "{:?}",
         activation.messages
     );
-    // The daemon left systemd's socket file in place at every stop.
+    // The daemon left systemd's socket files in place at every stop.
     assert!(node.snapshotter.socket().exists());
+    assert!(node.snapshotter.control_socket().exists());
     // A container still runs through it.
     let out = run_true(&node.containerd, "sa-after");
     assert!(out.status.success(), "{out:?}");
@@ -154,12 +223,16 @@ fn plain_restarts_fail_container_runs() {
     let mut node = Node::start(SnapshotterOptions::local(store.path()));
     let started = Instant::now();
     // Restarted at once: the best case without activation.
-    let runs = restart_under_load(&mut node, "plain", Duration::ZERO);
+    let Restarts { runs, status } = restart_under_load(&mut node, "plain", Duration::ZERO);
     eprintln!(
-        "plain restart: {} runs ok, {} failed (failing for {:.1?}), {RESTARTS} restarts in {:.1?}",
+        "plain restart: {} runs ok, {} failed (failing for {:.1?}); status {} ok, {} failed \
+         (failing for {:.1?}); {RESTARTS} restarts in {:.1?}",
         runs.ok,
         runs.failed.len(),
         runs.failing_for,
+        status.ok,
+        status.failed.len(),
+        status.failing_for,
         started.elapsed(),
     );
     assert!(
@@ -176,53 +249,6 @@ fn plain_restarts_fail_container_runs() {
         "failed runs, but none for a refused or missing socket:\n{:#?}",
         runs.failed
     );
-}
-
-/// The shipped socket units listen where the default config says the sockets are, under the
-/// names the daemon takes them by, and the service takes both.
-#[test]
-fn packaged_units_match_the_daemon() {
-    use zlayer_storage::sys::systemd::{CONTROL_SOCKET, SNAPSHOTTER_SOCKET};
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd");
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
-    };
-    let defaults = zlayer_storage::SnapshotterConfig::default();
-    for (unit, fd_name, path) in [
-        (
-            "zlayer-snapshotter.socket",
-            SNAPSHOTTER_SOCKET,
-            &defaults.socket,
-        ),
-        (
-            "zlayer-control.socket",
-            CONTROL_SOCKET,
-            &defaults.control_socket,
-        ),
-    ] {
-        let text = read(unit);
-        for line in [
-            format!("ListenStream={}", path.display()),
-            format!("FileDescriptorName={fd_name}"),
-            "SocketMode=0660".to_string(),
-            "Service=zlayer-snapshotter.service".to_string(),
-            "Before=containerd.service".to_string(),
-        ] {
-            assert!(text.lines().any(|l| l == line), "{unit} lacks {line:?}");
-        }
-    }
-    let service = read("zlayer-snapshotter.service");
-    for line in [
-        "Type=notify",
-        "Restart=always",
-        "Sockets=zlayer-snapshotter.socket zlayer-control.socket",
-        "ExecStart=/usr/bin/zlayer-storage snapshotter",
-    ] {
-        assert!(
-            service.lines().any(|l| l == line),
-            "zlayer-snapshotter.service lacks {line:?}"
-        );
-    }
 }
 
 /// A socket unit that passes something other than a listening unix stream socket (here a
@@ -254,7 +280,7 @@ fn a_passed_fd_that_is_not_a_unix_listener_is_a_config_error() {
         .env("LISTEN_FDS", "1")
         .env("LISTEN_FDNAMES", "snapshotter")
         .env_remove("ZLAYER_CONFIG");
-    inherit_as_fd3(&mut cmd, not_a_socket.as_raw_fd());
+    inherit_from_fd3(&mut cmd, [not_a_socket.as_raw_fd()]);
     let out = cmd.output().expect("run the daemon");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");

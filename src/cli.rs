@@ -35,6 +35,53 @@ pub enum Command {
     Version,
     /// Run the containerd proxy snapshotter.
     Snapshotter(Box<SnapshotterArgs>),
+    /// OCI runtime hooks (runc runs them with the container's state on stdin).
+    #[command(subcommand)]
+    Hook(HookCommand),
+    /// Ask the running daemon to sync a stopped container's layer to the store now.
+    Flush(FlushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FlushArgs {
+    /// A container id (in --namespace), or an identity SERVICE/INSTANCE.
+    pub target: String,
+    /// containerd namespace of a container id.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Wait until the layer is durable in the store, at most SECS (0 = the daemon's
+    /// flush_timeout_secs); without it, return once the request is recorded.
+    #[arg(long, value_name = "SECS")]
+    pub wait: Option<u64>,
+    /// Flush even if the container is running. The result is NOT crash-consistent: files
+    /// being written may be captured half-written, like a copy taken while they change.
+    #[arg(long)]
+    pub allow_running: bool,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HookCommand {
+    /// Ask the daemon to flush the stopped container's layer (OCI `poststop` stage).
+    ///
+    /// Exit status: 0 when the request was answered, and also on every runtime problem (daemon
+    /// down, timeout, error answer), after one line on stderr, so `runc delete` never fails
+    /// because of this hook; 2 for a malformed invocation (bad arguments, unreadable or
+    /// incomplete state JSON on stdin).
+    Poststop(PoststopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PoststopArgs {
+    /// Wait up to SECS for the layer to be durable in the store (default: return once the
+    /// daemon has recorded the request).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub wait: Option<u64>,
+    /// Control socket of the daemon [default: `[snapshotter] control_socket` of the config].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -6,9 +6,13 @@
 //! - [`layer`]: [`LayerSyncManager`], which syncs and restores a container identity's layer, and
 //!   its journal in the state database ([`layer::StateDb`]).
 //! - [`snapshotter`]: the containerd proxy snapshotter.
+//! - [`control`]: the daemon's control API (flush, status, list, forget) and the hook's protocol.
+//! - [`hook`]: the OCI poststop hook and its line protocol to the daemon.
 
 pub mod archive;
 pub mod config;
+pub mod control;
+pub mod hook;
 pub mod layer;
 pub mod proto;
 pub mod snapshotter;

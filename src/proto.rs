@@ -22,5 +22,15 @@ pub mod containerd {
     }
 }
 
+/// Our control API (`proto/zlayer/control/v1/control.proto`).
+pub mod zlayer {
+    pub mod control {
+        pub mod v1 {
+            tonic::include_proto!("zlayer.control.v1");
+        }
+    }
+}
+
 pub use containerd::services::snapshots::v1 as snapshots;
 pub use containerd::types;
+pub use zlayer::control::v1 as control;

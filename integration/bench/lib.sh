@@ -119,6 +119,7 @@ part_size_bytes = $part
 [snapshotter]
 root = "$ZL_ROOT"
 socket = "$ZL_SOCKET"
+control_socket = "$BENCH_DIR/zlayer-control.sock"
 containerd_address = "$BENCH_DIR/containerd/containerd.sock"
 persist = "labeled"
 EOF

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use activation::inherit_as_fd3;
+pub use activation::inherit_from_fd3;
 pub use client::snapshots_client;
 pub use procs::{mounts_under, unmount_under, wait_until};
 pub use snapshotter::{
@@ -206,6 +206,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     /// `ctr --address <ours> -n <ours> ARGS`, killed after 180 s.
+    /// The containerd namespace this fixture's containers live in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     pub fn ctr(&self, args: &[&str]) -> Output {
         Command::new("timeout")
             .args(["-k", "5", "180", "/usr/bin/ctr", "--address"])

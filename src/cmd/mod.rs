@@ -8,9 +8,14 @@
 //!   a socket passed by systemd that is not a listening unix stream socket)
 //! - 4: nothing to restore (the identity has no layer in the store)
 //!
+//! `hook poststop` has its own policy (0 on every runtime problem, 2 for a malformed
+//! invocation; see `hook.rs`).
+//!
 //! Errors are printed once, here, as one line with the whole cause chain.
 
+mod flush;
 mod gc;
+mod hook;
 mod progress;
 mod restore;
 mod snapshotter;
@@ -39,9 +44,15 @@ pub mod exit {
 
 /// Runs the chosen subcommand and returns the process exit code.
 pub fn dispatch(cli: Cli) -> u8 {
-    if let Command::Version = cli.command {
-        version::run();
-        return exit::OK;
+    match &cli.command {
+        Command::Version => {
+            version::run();
+            return exit::OK;
+        }
+        // Runs inside `runc delete`: before any logging set-up or async runtime, and with its
+        // own exit-code policy (see `hook.rs`).
+        Command::Hook(command) => return hook::run(cli.config.as_deref(), cli.verbose, command),
+        _ => {}
     }
     let config = match Config::load(cli.config.as_deref(), &|k| std::env::var(k).ok()) {
         Ok(c) => c,
@@ -89,8 +100,10 @@ pub fn dispatch(cli: Cli) -> u8 {
             Command::Restore(args) => restore::run(&config, args).await,
             Command::Status(args) => status::run(&config, args).await,
             Command::Gc => gc::run(&config).await,
-            Command::Version => Ok(exit::OK),
+            // Both handled above, before the runtime exists.
+            Command::Version | Command::Hook(_) => Ok(exit::OK),
             Command::Snapshotter(args) => snapshotter::run(&config, &args, activated).await,
+            Command::Flush(args) => flush::run(&config, args).await,
         }
     });
     match result {

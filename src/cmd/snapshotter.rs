@@ -2,10 +2,13 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use zlayer_storage::Config;
 use zlayer_storage::LayerSyncManager;
+use zlayer_storage::control::{self, Control};
 use zlayer_storage::snapshotter::containers::ContainerdContainers;
 use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
@@ -67,6 +70,12 @@ pub async fn run(
             .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
     let listening = systemd::take_listener(&mut activated, systemd::SNAPSHOTTER_SOCKET, &socket)
         .context("cannot listen for the Snapshots API")?;
+    let control_socket = systemd::take_listener(
+        &mut activated,
+        systemd::CONTROL_SOCKET,
+        &config.snapshotter.control_socket,
+    )
+    .context("cannot listen for the control API")?;
     if !activated.is_empty() {
         tracing::warn!(names = ?activated.names(), "systemd passed sockets nothing here serves");
     }
@@ -84,7 +93,29 @@ pub async fn run(
     );
     let stop = CancellationToken::new();
     let worker = persistence.spawn_worker(stop.clone());
-    notify("READY=1\nSTATUS=serving snapshots");
+    let flusher = persistence.spawn_flusher(stop.clone());
+    let (control_listener, control_file) = control_socket.into_tokio().with_context(|| {
+        format!(
+            "cannot serve {}",
+            config.snapshotter.control_socket.display()
+        )
+    })?;
+    let control = Control::new(
+        Arc::clone(&persistence),
+        Duration::from_secs(config.snapshotter.flush_timeout_secs),
+    );
+    let control_stop = stop.clone();
+    let control_path = control_file.path.clone();
+    let control_task = tokio::spawn(async move {
+        control::serve(
+            control,
+            control_listener,
+            &control_path,
+            control_stop.cancelled_owned(),
+        )
+        .await
+    });
+    notify("READY=1\nSTATUS=serving snapshots and control");
     let shutdown = async {
         shutdown_signal().await;
         notify("STOPPING=1");
@@ -94,6 +125,17 @@ pub async fn run(
     if let Err(e) = worker.await {
         tracing::warn!(error = %e, "upload worker ended abnormally");
     }
+    if let Err(e) = flusher.await {
+        tracing::warn!(error = %e, "flusher ended abnormally");
+    }
+    match control_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "control server failed")
+        }
+        Err(e) => tracing::warn!(error = %e, "control server ended abnormally"),
+    }
+    control_file.remove();
     served?;
     Ok(exit::OK)
 }

@@ -2,13 +2,32 @@
 
 use anyhow::Context;
 use zlayer_storage::Config;
+use zlayer_storage::control::client;
 use zlayer_storage::layer::LayerSyncManager;
+use zlayer_storage::proto::control::{StatusRequest, StatusResponse};
 use zlayer_storage::snapshotter::persist::{NodeStatus, node_status};
 
 use super::{exit, print_json};
 use crate::cli::StatusArgs;
 
 pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<u8> {
+    if let Ok(mut client) = client::connect(&config.snapshotter.control_socket).await {
+        let reply = client
+            .status(StatusRequest {
+                identity: String::new(),
+                remote: true,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))
+            .context("the daemon's status call failed")?
+            .into_inner();
+        if args.json {
+            print_json(&serde_json::json!({ "daemon": reply }))?;
+        } else {
+            print_daemon(&reply);
+        }
+        return Ok(exit::OK);
+    }
     let manager = LayerSyncManager::new(config.storage.clone())
         .await
         .context("cannot open the layer store")?;
@@ -87,5 +106,89 @@ fn print_node(node: &NodeStatus) {
             "  QUARANTINED {} (outbox entry without a matching queued layer; inspect it, nothing was deleted)",
             path.display()
         );
+    }
+}
+
+/// The running daemon's view: per identity, live snapshot, local/remote digest, queue, flushes.
+fn print_daemon(s: &StatusResponse) {
+    println!(
+        "daemon: store {}, {} queued layers ({} dead letters), events watcher {}",
+        s.store,
+        s.outbox_layers,
+        s.dead_letters,
+        if s.events_connected {
+            "connected"
+        } else {
+            "NOT connected"
+        }
+    );
+    for q in &s.quarantined {
+        println!("  QUARANTINED {q} (inspect it, nothing was deleted)");
+    }
+    if s.identities.is_empty() {
+        println!("no identities on this node");
+        return;
+    }
+    println!(
+        "{:<32} {:<24} {:<14} {:<14} {:>6} {:<20} FLUSH",
+        "IDENTITY", "SNAPSHOT", "LOCAL", "REMOTE", "SEQ", "LAST SYNC"
+    );
+    let short = |d: &str| {
+        if d.is_empty() {
+            "-".to_string()
+        } else {
+            d.chars().take(12).collect()
+        }
+    };
+    for i in &s.identities {
+        let last = chrono::DateTime::from_timestamp_millis(i.last_sync_unix_ms)
+            .filter(|_| i.last_sync_unix_ms > 0)
+            .map_or("-".to_string(), |t| {
+                t.format("%Y-%m-%d %H:%M:%S").to_string()
+            });
+        let flush = i.flushes.first().map_or("-".to_string(), |f| {
+            let err = if f.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", f.error)
+            };
+            format!("#{} {} ({}){err}", f.request_id, f.state, f.trigger)
+        });
+        let remote = if i.remote_error.is_empty() {
+            short(&i.remote_digest)
+        } else {
+            "ERROR".to_string()
+        };
+        println!(
+            "{:<32} {:<24} {:<14} {:<14} {:>6} {:<20} {flush}",
+            i.identity,
+            if i.snapshot_key.is_empty() {
+                "-"
+            } else {
+                &i.snapshot_key
+            },
+            short(&i.local_digest),
+            remote,
+            i.remote_seq,
+            last
+        );
+        for q in &i.queued {
+            println!(
+                "    {} seq {} (outbox {}, {}, {} attempts){}",
+                if q.dead { "DEAD LETTER" } else { "queued" },
+                q.seq,
+                q.outbox_id,
+                q.location,
+                q.attempts,
+                if q.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", q.last_error)
+                }
+            );
+        }
+        if !i.remote_error.is_empty() {
+            println!("    store: {}", i.remote_error);
+        }
     }
 }

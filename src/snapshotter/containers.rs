@@ -1,4 +1,5 @@
-//! Looking up a container record in containerd (Containers API), for identity resolution.
+//! Looking up a container record in containerd (Containers API), for identity resolution, and
+//! its task's state (Tasks API), so a running container is not flushed by accident.
 //!
 //! At Prepare the container record does not exist yet; by the second Mounts it does, and its
 //! labels (`zlayer.id`, `nerdctl/name`) may name the identity. The lookup sits behind
@@ -40,11 +41,50 @@ pub enum LookupError {
     BadNamespace { value: String },
 }
 
-/// Container records by (namespace, id).
+/// State of a container's task (init process), as far as a flush cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// No task: never started, or deleted.
+    Absent,
+    Created,
+    Running,
+    Paused,
+    Pausing,
+    Stopped,
+    Unknown,
+}
+
+impl TaskStatus {
+    /// Whether the container's processes may still write to its upper dir.
+    #[must_use]
+    pub fn may_write(self) -> bool {
+        matches!(
+            self,
+            Self::Created | Self::Running | Self::Paused | Self::Pausing | Self::Unknown
+        )
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Absent => "absent",
+            Self::Created => "created",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Pausing => "pausing",
+            Self::Stopped => "stopped",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Container records and task states by (namespace, id).
 #[async_trait::async_trait]
 pub trait ContainerLookup: Send + Sync + std::fmt::Debug {
     /// `Ok(None)` when the namespace has no such container (yet).
     async fn get(&self, namespace: &str, id: &str) -> Result<Option<ContainerRecord>, LookupError>;
+    /// The state of the container's task.
+    async fn task_status(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError>;
 }
 
 /// The containerd Containers API over its unix socket. The channel connects lazily, so the
@@ -80,17 +120,29 @@ impl ContainerdContainers {
     pub fn address(&self) -> &Path {
         &self.address
     }
+
+    /// The channel to containerd (shared by the events watcher).
+    #[must_use]
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+}
+
+/// `request` with the namespace header and the lookup timeout set.
+fn namespaced<T>(namespace: &str, message: T) -> Result<tonic::Request<T>, LookupError> {
+    let mut request = tonic::Request::new(message);
+    let ns = namespace.parse().map_err(|_| LookupError::BadNamespace {
+        value: namespace.to_string(),
+    })?;
+    request.metadata_mut().insert("containerd-namespace", ns);
+    request.set_timeout(LOOKUP_TIMEOUT);
+    Ok(request)
 }
 
 #[async_trait::async_trait]
 impl ContainerLookup for ContainerdContainers {
     async fn get(&self, namespace: &str, id: &str) -> Result<Option<ContainerRecord>, LookupError> {
-        let mut request = tonic::Request::new(GetContainerRequest { id: id.to_string() });
-        let ns = namespace.parse().map_err(|_| LookupError::BadNamespace {
-            value: namespace.to_string(),
-        })?;
-        request.metadata_mut().insert("containerd-namespace", ns);
-        request.set_timeout(LOOKUP_TIMEOUT);
+        let request = namespaced(namespace, GetContainerRequest { id: id.to_string() })?;
         let mut client = ContainersClient::new(self.channel.clone());
         let call = tokio::time::timeout(LOOKUP_TIMEOUT, client.get(request));
         let reply = match call.await {
@@ -117,6 +169,53 @@ impl ContainerLookup for ContainerdContainers {
             {
                 Ok(None)
             }
+            Err(s) => Err(LookupError::Rpc {
+                namespace: namespace.to_string(),
+                id: id.to_string(),
+                source: Box::new(s),
+            }),
+        }
+    }
+
+    async fn task_status(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError> {
+        self.get_task(namespace, id).await
+    }
+}
+
+impl ContainerdContainers {
+    async fn get_task(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError> {
+        use containerd_client::services::v1::GetRequest;
+        use containerd_client::services::v1::tasks_client::TasksClient;
+        use containerd_client::types::v1::Status;
+        let request = namespaced(
+            namespace,
+            GetRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            },
+        )?;
+        let mut client = TasksClient::new(self.channel.clone());
+        let reply = tokio::time::timeout(LOOKUP_TIMEOUT, client.get(request))
+            .await
+            .map_err(|_| LookupError::Timeout {
+                namespace: namespace.to_string(),
+                id: id.to_string(),
+            })?;
+        match reply {
+            Ok(reply) => {
+                let Some(process) = reply.into_inner().process else {
+                    return Ok(TaskStatus::Absent);
+                };
+                Ok(match Status::try_from(process.status) {
+                    Ok(Status::Created) => TaskStatus::Created,
+                    Ok(Status::Running) => TaskStatus::Running,
+                    Ok(Status::Stopped) => TaskStatus::Stopped,
+                    Ok(Status::Paused) => TaskStatus::Paused,
+                    Ok(Status::Pausing) => TaskStatus::Pausing,
+                    Ok(Status::Unknown) | Err(_) => TaskStatus::Unknown,
+                })
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(TaskStatus::Absent),
             Err(s) => Err(LookupError::Rpc {
                 namespace: namespace.to_string(),
                 id: id.to_string(),

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
@@ -44,15 +43,11 @@ pub async fn serve(
     socket: Listening,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let Listening { listener, file } = socket;
-    let path = file.path.clone();
-    let listener = listener
-        .set_nonblocking(true)
-        .and_then(|()| UnixListener::from_std(listener))
-        .map_err(|source| ServeError::Listener {
-            path: path.clone(),
-            source,
-        })?;
+    let path = socket.file.path.clone();
+    let (listener, file) = socket.into_tokio().map_err(|source| ServeError::Listener {
+        path: path.clone(),
+        source,
+    })?;
     tracing::info!(
         socket = %path.display(),
         inherited = file.inherited,

@@ -211,6 +211,17 @@ pub struct Listening {
     pub file: SocketFile,
 }
 
+impl Listening {
+    /// The listener for a tokio server (non-blocking), and the file to remove after it stopped.
+    pub fn into_tokio(self) -> io::Result<(tokio::net::UnixListener, SocketFile)> {
+        self.listener.set_nonblocking(true)?;
+        Ok((
+            tokio::net::UnixListener::from_std(self.listener)?,
+            self.file,
+        ))
+    }
+}
+
 /// The path of a served socket, and whether systemd owns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketFile {

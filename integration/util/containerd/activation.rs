@@ -1,7 +1,7 @@
-//! systemd's side of socket activation, played by the test: it binds the snapshotter socket
-//! once and holds it for the daemon's whole life, hands it to every daemon process as fd 3
-//! (`LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES`), and receives the daemon's `sd_notify`
-//! messages on a datagram socket of its own (`NOTIFY_SOCKET`).
+//! systemd's side of socket activation, played by the test: it binds the snapshotter and control
+//! sockets once and holds them for the daemon's whole life, hands them to every daemon process
+//! as fds 3 and 4 (`LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES`), and receives the daemon's
+//! `sd_notify` messages on a datagram socket of its own (`NOTIFY_SOCKET`).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
@@ -17,6 +17,7 @@ const FIRST_FD: RawFd = 3;
 #[derive(Debug)]
 pub struct Activation {
     listener: UnixListener,
+    control: UnixListener,
     notify: UnixDatagram,
     notify_path: PathBuf,
     /// Every notification received so far, in order (e.g. `READY=1\nSTATUS=…`, `STOPPING=1`).
@@ -24,11 +25,16 @@ pub struct Activation {
 }
 
 impl Activation {
-    /// Binds `socket` (what a socket unit's `ListenStream=` does) and a notify socket in `dir`.
-    pub fn bind(socket: &Path, dir: &Path) -> Self {
-        let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)
-            .unwrap_or_else(|e| panic!("bind activation socket {}: {e}", socket.display()));
+    /// Binds `socket` and `control` (what the socket units' `ListenStream=` do) and a notify
+    /// socket in `dir`.
+    pub fn bind(socket: &Path, control: &Path, dir: &Path) -> Self {
+        let listen = |path: &Path| {
+            let _ = std::fs::remove_file(path);
+            UnixListener::bind(path)
+                .unwrap_or_else(|e| panic!("bind activation socket {}: {e}", path.display()))
+        };
+        let listener = listen(socket);
+        let control = listen(control);
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path)
@@ -38,24 +44,28 @@ impl Activation {
             .expect("notify socket timeout");
         Self {
             listener,
+            control,
             notify,
             notify_path,
             messages: Vec::new(),
         }
     }
 
-    /// `bin ARGS` as systemd would start it: the held socket as fd 3 named `snapshotter`,
-    /// `LISTEN_PID` set to the daemon's own pid by a shell that then execs it.
+    /// `bin ARGS` as systemd would start it: the held sockets as fd 3 (`snapshotter`) and fd 4
+    /// (`control`), `LISTEN_PID` set to the daemon's own pid by a shell that then execs it.
     pub fn command(&self, bin: &Path, args: &[&std::ffi::OsStr]) -> Command {
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
             .arg(bin)
             .args(args)
-            .env("LISTEN_FDS", "1")
-            .env("LISTEN_FDNAMES", "snapshotter")
+            .env("LISTEN_FDS", "2")
+            .env("LISTEN_FDNAMES", "snapshotter:control")
             .env("NOTIFY_SOCKET", &self.notify_path);
-        inherit_as_fd3(&mut cmd, self.listener.as_raw_fd());
+        inherit_from_fd3(
+            &mut cmd,
+            [self.listener.as_raw_fd(), self.control.as_raw_fd()],
+        );
         cmd
     }
 
@@ -105,20 +115,27 @@ impl Activation {
     }
 }
 
-/// Makes `fd` the child's fd 3 (without close-on-exec), as systemd passes its first socket.
-/// `fd` must stay open until the child is spawned.
-pub fn inherit_as_fd3(cmd: &mut Command, fd: RawFd) {
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl,
-    // which are async-signal-safe.
+/// Makes `fds` the child's fds 3, 4, … (without close-on-exec), as systemd passes sockets.
+/// They must stay open until the child is spawned.
+pub fn inherit_from_fd3<const N: usize>(cmd: &mut Command, fds: [RawFd; N]) {
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, dup2 and
+    // close, which are async-signal-safe, on a stack array.
     unsafe {
         cmd.pre_exec(move || {
-            if fd == FIRST_FD {
-                // dup2 onto itself keeps close-on-exec set; clear it instead.
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+            let top = FIRST_FD + RawFd::try_from(N).unwrap_or(RawFd::MAX - FIRST_FD);
+            // Copies above the target range first, so no dup2 overwrites a later source.
+            let mut high = [0 as RawFd; N];
+            for (h, fd) in high.iter_mut().zip(fds) {
+                *h = libc::fcntl(fd, libc::F_DUPFD, top);
+                if *h < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(fd, FIRST_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
+            }
+            for (target, h) in (FIRST_FD..).zip(high) {
+                if libc::dup2(h, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(h);
             }
             Ok(())
         });

@@ -154,6 +154,9 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// File name of a daemon's control socket in its directory.
+const CONTROL_SOCKET_FILE: &str = "control.sock";
+
 /// Settings of one snapshotter daemon.
 #[derive(Debug, Clone)]
 pub struct SnapshotterOptions {
@@ -248,7 +251,7 @@ impl SnapshotterDaemon {
             log_path: dir.join("snapshotter.log"),
             activation: options
                 .socket_activation
-                .then(|| Activation::bind(socket, dir)),
+                .then(|| Activation::bind(socket, &dir.join(CONTROL_SOCKET_FILE), dir)),
             options,
             child: None,
         };
@@ -267,6 +270,7 @@ impl SnapshotterDaemon {
         s.state_db_path = self.state_db_path();
         cfg.snapshotter.root = self.root();
         cfg.snapshotter.socket = self.socket.clone();
+        cfg.snapshotter.control_socket = self.control_socket();
         cfg.snapshotter.containerd_address = self
             .options
             .containerd_address
@@ -438,6 +442,16 @@ impl SnapshotterDaemon {
     /// The socket containerd dials.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The config the CLI runs with ([`SnapshotterDaemon::cli`]).
+    pub fn cli_config_path(&self) -> PathBuf {
+        self.cli_config_path.clone()
+    }
+
+    /// The control socket (flush, status; the hook's protocol).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join(CONTROL_SOCKET_FILE)
     }
 
     /// Everything the daemon logged so far (across restarts).

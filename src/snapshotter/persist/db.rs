@@ -31,6 +31,10 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "snapshotter: persistence, background restores and dead letters",
         sql: SCHEMA_V2,
     },
+    Migration {
+        name: "snapshotter: flush requests",
+        sql: super::flush_db::SCHEMA_V3,
+    },
 ];
 
 /// `want_*`: the identity a snapshot asks for (snapshot label at Prepare, container label at
@@ -144,6 +148,8 @@ pub struct OutboxRow {
     /// Dead letter: failed for a reason retrying will not fix; kept on disk, retried only at
     /// the next start or `gc`.
     pub dead: bool,
+    /// When it was queued (ns since the epoch).
+    pub created_ns: i64,
 }
 
 /// A new outbox row (the id is assigned by the database unless given).
@@ -328,8 +334,21 @@ pub fn note_synced(conn: &Connection, identity: &ContainerLayerId, seq: u64) -> 
     Ok(())
 }
 
+/// The highest seq of `identity` known to be in the store (0 if none).
+pub fn synced_seq(conn: &Connection, identity: &ContainerLayerId) -> Result<u64> {
+    let seq: Option<i64> = conn
+        .query_row(
+            "SELECT synced FROM persist_seq WHERE service = ?1 AND instance = ?2",
+            params![identity.service, identity.instance_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(PersistError::db("read synced sequence number"))?;
+    Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+}
+
 const OUTBOX_COLUMNS: &str = "id, service, instance, seq, base, key, snapshot_id, location, attempts, \
-     last_error, next_attempt_ns, dead";
+     last_error, next_attempt_ns, dead, created_ns";
 
 fn outbox_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxRow> {
     let base: Option<String> = r.get(4)?;
@@ -350,6 +369,7 @@ fn outbox_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxRow> {
         last_error: r.get(9)?,
         next_attempt_ns: r.get(10)?,
         dead: r.get(11)?,
+        created_ns: r.get(12)?,
     })
 }
 

@@ -128,6 +128,40 @@ pub enum PersistError {
     State(#[source] crate::state::StateError),
     #[error("snapshot metadata")]
     Meta(#[source] Box<crate::snapshotter::SnapshotError>),
+    #[error("no snapshot to flush for {target}: not held by this node's snapshotter")]
+    FlushTargetNotFound { target: String },
+    #[error(
+        "container {namespace}/{container} is running (task {status}); its upper dir is changing, \
+         so a flush would not be crash-consistent (ask with allow_running to flush anyway)"
+    )]
+    ContainerRunning {
+        namespace: String,
+        container: String,
+        status: String,
+    },
+    #[error("cannot tell whether container {namespace}/{container} is running")]
+    TaskLookupFailed {
+        namespace: String,
+        container: String,
+        #[source]
+        source: Box<crate::snapshotter::containers::LookupError>,
+    },
+    #[error("flush {request} of {identity} failed: {message}")]
+    FlushFailed {
+        request: i64,
+        identity: ContainerLayerId,
+        message: String,
+    },
+    #[error("flush {request} of {identity} is not durable after {secs} s (it goes on){last}")]
+    FlushTimeout {
+        request: i64,
+        identity: ContainerLayerId,
+        secs: u64,
+        /// `; last error: …` when an attempt failed, else empty.
+        last: String,
+    },
+    #[error("flush request {request} does not exist")]
+    NoSuchFlush { request: i64 },
     #[error("persistence is not attached to a snapshotter yet")]
     NotOpen,
     #[error("persistence task failed")]
@@ -162,7 +196,14 @@ impl PersistError {
             | Self::UpperHasContent { .. }
             | Self::BaseChanged { .. }
             | Self::NotRestored { .. } => Code::FailedPrecondition,
-            Self::NothingToSync { .. } | Self::SnapshotGone { .. } => Code::NotFound,
+            Self::NothingToSync { .. }
+            | Self::SnapshotGone { .. }
+            | Self::FlushTargetNotFound { .. }
+            | Self::NoSuchFlush { .. } => Code::NotFound,
+            Self::ContainerRunning { .. } => Code::FailedPrecondition,
+            Self::TaskLookupFailed { .. } => Code::Unavailable,
+            Self::FlushTimeout { .. } => Code::DeadlineExceeded,
+            Self::FlushFailed { .. } => Code::Aborted,
             Self::StoreUnavailable { .. }
             | Self::RestoreTimeout { .. }
             | Self::LookupFailed { .. } => Code::Unavailable,

@@ -21,6 +21,8 @@
 
 mod db;
 mod error;
+mod flush;
+mod flush_db;
 pub mod identity;
 mod jobs;
 mod outbox;
@@ -28,6 +30,8 @@ mod restore;
 mod status;
 mod worker;
 
+#[cfg(test)]
+mod flush_tests;
 #[cfg(test)]
 mod tests;
 
@@ -57,6 +61,8 @@ use super::hooks::{
 pub use db::{Location, MIGRATIONS, OutboxRow, Resolution};
 pub use error::PersistError;
 use error::Result;
+pub use flush::{FlushDone, FlushRequest, FlushTarget, FlushTicket};
+pub use flush_db::{FlushRow, FlushState};
 pub use jobs::PENDING_UPPER;
 pub use status::{NodeStatus, QueuedLayer, node_status, retry_dead_letters};
 
@@ -109,6 +115,10 @@ pub struct Persistence {
     /// Held while a queued layer's dir is read for a restore and while the worker deletes it.
     pins: KeyLocks,
     wake: Notify,
+    /// Wakes the flusher when a request is recorded.
+    flush_wake: Notify,
+    /// Wakes flush waiters when a request (or a queued layer) finishes.
+    flush_done: Notify,
 }
 
 impl std::fmt::Debug for Persistence {
@@ -222,6 +232,8 @@ impl Persistence {
             key_locks: KeyLocks::default(),
             pins: KeyLocks::default(),
             wake: Notify::new(),
+            flush_wake: Notify::new(),
+            flush_done: Notify::new(),
         })
     }
 
@@ -426,6 +438,17 @@ impl PersistenceHooks for Persistence {
         if revived > 0 {
             tracing::info!(revived, "retrying dead-letter layers after a restart");
         }
+        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
+        let open = att
+            .write("recover flush requests", |c| flush_db::recover(c, now))
+            .map_err(to_snapshot_error)?;
+        if open > 0 {
+            tracing::info!(
+                requests = open,
+                "flush requests from before the restart will run"
+            );
+        }
+        self.flush_wake.notify_one();
         self.notify_worker();
         Ok(())
     }

@@ -18,7 +18,7 @@ use crate::archive::XattrNs;
 use crate::config::{OnBaseChange, PersistPolicy};
 use crate::layer::types::ContainerLayerId;
 use crate::layer::{LayerSyncManager, SyncOptions};
-use crate::snapshotter::containers::{ContainerLookup, ContainerRecord, LookupError};
+use crate::snapshotter::containers::{ContainerLookup, ContainerRecord, LookupError, TaskStatus};
 use crate::snapshotter::{Labels, Mount, SnapshotError, Snapshotter};
 use crate::store::{
     ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError, UploadJournal,
@@ -37,19 +37,19 @@ const BASE: &str = "default/2/sha256:base";
 
 /// A store whose uploads wait for permits and whose reads can be made to fail.
 #[derive(Debug)]
-struct Gate {
-    inner: Arc<dyn ObjectStore>,
-    permits: Semaphore,
-    uploads_started: AtomicUsize,
-    fail_reads: AtomicBool,
+pub(super) struct Gate {
+    pub(super) inner: Arc<dyn ObjectStore>,
+    pub(super) permits: Semaphore,
+    pub(super) uploads_started: AtomicUsize,
+    pub(super) fail_reads: AtomicBool,
     /// Reads wait while this is set.
-    block_reads: AtomicBool,
+    pub(super) block_reads: AtomicBool,
     /// Reads of manifests (one per restore attempt by each reader).
-    manifest_reads: AtomicUsize,
+    pub(super) manifest_reads: AtomicUsize,
 }
 
 impl Gate {
-    fn new(inner: Arc<dyn ObjectStore>, open: bool) -> Arc<Self> {
+    pub(super) fn new(inner: Arc<dyn ObjectStore>, open: bool) -> Arc<Self> {
         Arc::new(Self {
             inner,
             permits: Semaphore::new(if open { Semaphore::MAX_PERMITS / 2 } else { 0 }),
@@ -60,7 +60,7 @@ impl Gate {
         })
     }
 
-    fn release(&self) {
+    pub(super) fn release(&self) {
         self.permits.add_permits(Semaphore::MAX_PERMITS / 2);
     }
 
@@ -74,7 +74,7 @@ impl Gate {
         self.fault(key)
     }
 
-    fn fault(&self, key: &str) -> StoreResult<()> {
+    pub(super) fn fault(&self, key: &str) -> StoreResult<()> {
         if self.fail_reads.load(Ordering::SeqCst) {
             return Err(StoreError::Io {
                 op: "read",
@@ -147,14 +147,16 @@ impl ObjectStore for Gate {
 
 /// Container records by (namespace, id); `down` simulates an unreachable containerd.
 #[derive(Debug, Default)]
-struct FakeContainers {
-    records: Mutex<HashMap<(String, String), ContainerRecord>>,
-    down: AtomicBool,
-    calls: AtomicUsize,
+pub(super) struct FakeContainers {
+    pub(super) records: Mutex<HashMap<(String, String), ContainerRecord>>,
+    /// Task states; absent entries have no task.
+    pub(super) tasks: Mutex<HashMap<(String, String), TaskStatus>>,
+    pub(super) down: AtomicBool,
+    pub(super) calls: AtomicUsize,
 }
 
 impl FakeContainers {
-    fn add(&self, ns: &str, id: &str, labels: &[(&str, &str)]) {
+    pub(super) fn add(&self, ns: &str, id: &str, labels: &[(&str, &str)]) {
         let record = ContainerRecord {
             id: id.to_string(),
             labels: labels
@@ -187,13 +189,35 @@ impl ContainerLookup for FakeContainers {
             .get(&(namespace.to_string(), id.to_string()))
             .cloned())
     }
+
+    async fn task_status(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LookupError::Timeout {
+                namespace: namespace.to_string(),
+                id: id.to_string(),
+            });
+        }
+        Ok(self
+            .tasks
+            .lock()
+            .unwrap()
+            .get(&(namespace.to_string(), id.to_string()))
+            .copied()
+            .unwrap_or(TaskStatus::Absent))
+    }
 }
 
 /// A store shared by nodes; each node also has its own snapshotter root.
-use crate::layer::testenv::SharedStore as Env;
+pub(super) use crate::layer::testenv::SharedStore as Env;
 
 impl Env {
-    fn node(&self, name: &str, opts: PersistOptions, gate: Arc<Gate>, worker: bool) -> Node {
+    pub(super) fn node(
+        &self,
+        name: &str,
+        opts: PersistOptions,
+        gate: Arc<Gate>,
+        worker: bool,
+    ) -> Node {
         self.node_with(
             name,
             opts,
@@ -204,7 +228,7 @@ impl Env {
     }
 
     /// A node without a worker whose container lookups go to a fake it returns.
-    fn node_asking_containers(
+    pub(super) fn node_asking_containers(
         &self,
         name: &str,
         opts: PersistOptions,
@@ -214,7 +238,7 @@ impl Env {
         (node, containers)
     }
 
-    fn node_with(
+    pub(super) fn node_with(
         &self,
         name: &str,
         opts: PersistOptions,
@@ -239,6 +263,7 @@ impl Env {
         if worker {
             let _enter = rt.enter();
             persist.spawn_worker(stop.clone());
+            persist.spawn_flusher(stop.clone());
         }
         Node {
             rt: Some(rt),
@@ -250,12 +275,12 @@ impl Env {
         }
     }
 
-    fn gate(&self, open: bool) -> Arc<Gate> {
+    pub(super) fn gate(&self, open: bool) -> Arc<Gate> {
         Gate::new(Arc::clone(&self.store), open)
     }
 }
 
-fn opts(policy: PersistPolicy, on_base_change: OnBaseChange) -> PersistOptions {
+pub(super) fn opts(policy: PersistPolicy, on_base_change: OnBaseChange) -> PersistOptions {
     PersistOptions {
         policy,
         on_base_change,
@@ -265,30 +290,30 @@ fn opts(policy: PersistPolicy, on_base_change: OnBaseChange) -> PersistOptions {
     }
 }
 
-fn default_opts() -> PersistOptions {
+pub(super) fn default_opts() -> PersistOptions {
     opts(PersistPolicy::Labeled, OnBaseChange::Restore)
 }
 
-struct Node {
-    rt: Option<Runtime>,
-    core: Option<Snapshotter>,
-    persist: Arc<Persistence>,
-    gate: Arc<Gate>,
-    root: PathBuf,
-    stop: CancellationToken,
+pub(super) struct Node {
+    pub(super) rt: Option<Runtime>,
+    pub(super) core: Option<Snapshotter>,
+    pub(super) persist: Arc<Persistence>,
+    pub(super) gate: Arc<Gate>,
+    pub(super) root: PathBuf,
+    pub(super) stop: CancellationToken,
 }
 
 impl Node {
-    fn core(&self) -> &Snapshotter {
+    pub(super) fn core(&self) -> &Snapshotter {
         self.core.as_ref().unwrap()
     }
 
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+    pub(super) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.as_ref().unwrap().block_on(f)
     }
 
     /// The image layer every container sits on.
-    fn base_layer(&self) {
+    pub(super) fn base_layer(&self) {
         let key = "default/1/extract-1-a sha256:base";
         let m = self.core().prepare(key, "", Labels::new()).unwrap();
         fs::write(upper_of(&m).join("motd"), "image\n").unwrap();
@@ -297,14 +322,14 @@ impl Node {
 
     /// Prepares a container snapshot on the base layer and asks for its mounts, as containerd
     /// does before a container starts (the restore runs in between); returns its upper dir.
-    fn container(&self, key: &str, identity: Option<&str>) -> PathBuf {
+    pub(super) fn container(&self, key: &str, identity: Option<&str>) -> PathBuf {
         let upper = upper_of(&self.core().prepare(key, BASE, id_labels(identity)).unwrap());
         self.core().mounts(key).unwrap();
         upper
     }
 
     /// Stores `files` as `identity`'s layer with `base`, as another node would have.
-    fn seed(&self, identity: &str, base: &[&str], files: &[(&str, &str)]) {
+    pub(super) fn seed(&self, identity: &str, base: &[&str], files: &[(&str, &str)]) {
         let dir = tempfile::tempdir().unwrap();
         write_files(dir.path(), files);
         let id = ContainerLayerId::parse(identity).unwrap();
@@ -321,7 +346,7 @@ impl Node {
     }
 
     /// What the store holds for `identity`, restored into a fresh dir.
-    fn stored(&self, identity: &str) -> Option<Vec<(String, String)>> {
+    pub(super) fn stored(&self, identity: &str) -> Option<Vec<(String, String)>> {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("upper");
         let id = ContainerLayerId::parse(identity).unwrap();
@@ -332,16 +357,16 @@ impl Node {
 
     /// The store's manifest of `identity` (read without the manager's per-identity lock, which
     /// a blocked upload holds).
-    fn manifest(&self, identity: &str) -> Option<crate::layer::LayerManifest> {
+    pub(super) fn manifest(&self, identity: &str) -> Option<crate::layer::LayerManifest> {
         let id = ContainerLayerId::parse(identity).unwrap();
         self.block_on(self.persist.manager().manifest(&id)).unwrap()
     }
 
-    fn queued(&self) -> Vec<super::OutboxRow> {
+    pub(super) fn queued(&self) -> Vec<super::OutboxRow> {
         self.persist.queued().unwrap()
     }
 
-    fn outbox_entries(&self) -> Vec<String> {
+    pub(super) fn outbox_entries(&self) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(self.root.join("outbox"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -351,7 +376,7 @@ impl Node {
     }
 
     /// Process death: no graceful stop; the runtime goes with whatever it was doing.
-    fn kill(mut self) {
+    pub(super) fn kill(mut self) {
         drop(self.core.take());
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
@@ -369,14 +394,14 @@ impl Drop for Node {
     }
 }
 
-fn id_labels(identity: Option<&str>) -> Labels {
+pub(super) fn id_labels(identity: Option<&str>) -> Labels {
     identity
         .map(|id| (ID_LABEL.to_string(), id.to_string()))
         .into_iter()
         .collect()
 }
 
-fn upper_of(m: &[Mount]) -> PathBuf {
+pub(super) fn upper_of(m: &[Mount]) -> PathBuf {
     if m[0].kind == "bind" {
         return PathBuf::from(&m[0].source);
     }
@@ -388,7 +413,7 @@ fn upper_of(m: &[Mount]) -> PathBuf {
     PathBuf::from(o)
 }
 
-fn write_files(root: &Path, files: &[(&str, &str)]) {
+pub(super) fn write_files(root: &Path, files: &[(&str, &str)]) {
     for (path, content) in files {
         let p = root.join(path);
         fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -397,7 +422,7 @@ fn write_files(root: &Path, files: &[(&str, &str)]) {
 }
 
 /// Regular files under `root` as (relative path, content), sorted.
-fn read_files(root: &Path) -> Vec<(String, String)> {
+pub(super) fn read_files(root: &Path) -> Vec<(String, String)> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
         for e in fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
@@ -415,7 +440,7 @@ fn read_files(root: &Path) -> Vec<(String, String)> {
     out
 }
 
-fn files(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+pub(super) fn files(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = pairs
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -424,7 +449,7 @@ fn files(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     v
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(super) fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

@@ -147,7 +147,7 @@ impl Persistence {
     }
 
     /// Syncs one queued layer and deletes it.
-    async fn process(self: &Arc<Self>, row: &OutboxRow) -> Result<SyncOutcome> {
+    pub(super) async fn process(self: &Arc<Self>, row: &OutboxRow) -> Result<SyncOutcome> {
         let att = self.attached()?;
         let upper = att.layer_dir(row).join("fs");
         let opts = SyncOptions {
@@ -183,11 +183,13 @@ impl Persistence {
         tokio::task::spawn_blocking(move || this.finish(id, &identity, seq))
             .await
             .map_err(PersistError::Join)??;
+        // Flushes of a removed snapshot wait for its queued layer.
+        self.flush_done.notify_waiters();
         Ok(outcome)
     }
 
     /// The identity's current layer in the store, reported as unchanged.
-    async fn current(&self, identity: &ContainerLayerId) -> Result<SyncOutcome> {
+    pub(super) async fn current(&self, identity: &ContainerLayerId) -> Result<SyncOutcome> {
         let outbox = self.attached()?.outbox.clone();
         let manifest =
             self.manager
@@ -305,7 +307,7 @@ impl Persistence {
         last.ok_or_else(nothing)
     }
 
-    async fn read_async<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    pub(super) async fn read_async<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -316,7 +318,7 @@ impl Persistence {
             .map_err(PersistError::Join)?
     }
 
-    async fn write_async<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    pub(super) async fn write_async<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
