@@ -74,7 +74,13 @@ for script in "$tmp"/DEBIAN/{preinst,postinst,prerm,postrm}; do
     ! grep -q '#DEBHELPER#' "$script" || missing+=("$(basename "$script") with #DEBHELPER# filled in")
 done
 "$tmp/usr/bin/zlayer-storage" version >/dev/null || missing+=("a packaged binary that runs")
-cmp -s "$tmp/usr/bin/zlayer-storage" "$bin" || missing+=("the binary just built at $bin")
+# The packaged binary is the one just built, stripped (its debug info is under /usr/lib/debug).
+build_id() { readelf -n "$1" 2>/dev/null | awk '/Build ID/ {print $3}'; }
+id=$(build_id "$bin")
+[[ -n $id && $(build_id "$tmp/usr/bin/zlayer-storage") == "$id" ]] ||
+    missing+=("the binary just built at $bin (build id ${id:-unknown})")
+[[ -f $tmp/usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug ]] ||
+    missing+=("its debug info /usr/lib/debug/.build-id/${id:0:2}/${id:2}.debug")
 if command -v systemd-analyze >/dev/null; then
     # Verified as installed, except that ExecStart= names the extracted binary (the host may
     # have no /usr/bin/zlayer-storage); the unit search path keeps the host's own units.
