@@ -3,12 +3,14 @@
 # as root:
 #   1. installs what the tests need when missing: apt packages (containerd, runc, umoci,
 #      busybox-static, Go with containerd's sources for the conformance suite, zstd, ...), a
-#      cargo-fuzz (for the fuzz run), and Garage 2.5.0 (`cargo install`,
-#      the S3 server of the S3 tests; about 11 minutes to build);
+#      cargo-fuzz (for the fuzz run), cargo-deb (for the .deb; about 1.5 minutes to build) and
+#      Garage 2.5.0 (`cargo install`, the S3 server of the S3 tests; about 11 minutes to build);
 #   2. runs every test: `cargo test --locked -- --test-threads=2`. A test whose component is
 #      missing fails, naming it, unless ZLAYER_TESTS_ALLOW_MISSING=1 (then it skips, saying so);
 #   3. fuzzes the archive reader for ZLAYER_FUZZ_SECONDS (default 120; see fuzz/run.sh);
-#   4. prints how many real-component tests ran (each one records itself in
+#   4. builds the release binary and the .deb from it, and checks the package's contents
+#      (packaging/deb.sh);
+#   5. prints how many real-component tests ran (each one records itself in
 #      $ZLAYER_TEST_REPORT) and the cargo test summary again.
 # With --install-only, only step 1. Exit status: non-zero if any step failed or no
 # real-component test ran.
@@ -55,6 +57,12 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 cargo fuzz --version
 
+step "cargo-deb"
+if ! cargo deb --version >/dev/null 2>&1; then
+    cargo install cargo-deb --locked || die "cargo install cargo-deb failed"
+fi
+cargo deb --version
+
 step "garage (S3 server for tests)"
 if [[ -z ${GARAGE_BIN:-} ]]; then
     if command -v garage >/dev/null; then
@@ -81,6 +89,13 @@ test_rc=${PIPESTATUS[0]}
 step "fuzz archive_reader (${ZLAYER_FUZZ_SECONDS:-120} s)"
 if ! bash fuzz/run.sh; then
     failed+=("fuzz archive_reader")
+fi
+
+step ".deb (release build, cargo deb, contents check)"
+if ! cargo build --release --locked; then
+    failed+=("cargo build --release")
+elif ! bash packaging/deb.sh --fast; then
+    failed+=(".deb build or contents check (packaging/deb.sh)")
 fi
 
 step "summary"

@@ -6,6 +6,7 @@
 //! the host's containerd; shim sockets are keyed by our socket path. Drop kills tasks, containerd,
 //! leftover shims, and unmounts whatever is still mounted under the temp dir.
 
+mod activation;
 mod client;
 mod procs;
 mod snapshotter;
@@ -16,6 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use activation::inherit_from_fd3;
 pub use client::snapshots_client;
 pub use procs::{mounts_under, unmount_under, wait_until};
 pub use snapshotter::{

@@ -4,7 +4,8 @@
 //! - 0: success
 //! - 1: runtime failure (I/O, object store, archive, state database)
 //! - 2: usage error (bad flags or arguments; clap uses it too)
-//! - 3: configuration error (unreadable or invalid config file, bad `ZLAYER_STORAGE_*` value)
+//! - 3: configuration error (unreadable or invalid config file, bad `ZLAYER_STORAGE_*` value,
+//!   a socket passed by systemd that is not a listening unix stream socket)
 //! - 4: not found: the identity has no layer in the store, or not the version asked for
 //!
 //! `hook poststop` has its own policy (0 on every runtime problem, 2 for a malformed
@@ -30,6 +31,7 @@ use std::path::Path;
 use chrono::{DateTime, SecondsFormat, Utc};
 use zlayer_storage::layer::{LayerError, VersionSelector};
 use zlayer_storage::store::StoreError;
+use zlayer_storage::sys::systemd::Activated;
 use zlayer_storage::{Config, ContainerLayerId};
 
 use crate::cli::{Cli, Command};
@@ -73,6 +75,19 @@ pub fn dispatch(cli: Cli) -> u8 {
         config.log.filter.as_deref(),
         kind,
     );
+    // Sockets passed by systemd are adopted before the runtime starts threads: adopting them
+    // unsets LISTEN_* in the environment.
+    let activated = match cli.command {
+        // SAFETY: still single-threaded, and nothing has touched descriptors from 3 on.
+        Command::Snapshotter(_) => match unsafe { Activated::take_from_env() } {
+            Ok(a) => a,
+            Err(e) => {
+                report(&anyhow::Error::new(e));
+                return exit::CONFIG;
+            }
+        },
+        _ => Activated::default(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -93,7 +108,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             Command::Gc(args) => gc::run(&config, args).await,
             // Both handled above, before the runtime exists.
             Command::Version | Command::Hook(_) => Ok(exit::OK),
-            Command::Snapshotter(args) => snapshotter::run(&config, &args).await,
+            Command::Snapshotter(args) => snapshotter::run(&config, &args, activated).await,
             Command::Flush(args) => flush::run(&config, args).await,
             Command::Forget(args) => forget::run(&config, args).await,
         }

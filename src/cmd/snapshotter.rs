@@ -15,6 +15,7 @@ use zlayer_storage::snapshotter::events::{ContainerdEvents, WatchOptions, Watche
 use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
 use zlayer_storage::sys::overlay::OverlayFeatures;
+use zlayer_storage::sys::systemd::{self, Activated};
 
 use crate::cli::SnapshotterArgs;
 
@@ -23,8 +24,14 @@ use super::exit;
 /// Opens the layer store and the snapshotter root (flags override the config file), starts
 /// the upload worker and serves the socket. A signal stops accepting requests, lets in-flight
 /// ones finish and stops the worker; queued uploads stay in the outbox and resume at the next
-/// start. No state is deleted.
-pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> {
+/// start. No state is deleted. Sockets passed by systemd (`activated`, by
+/// `FileDescriptorName=`) are served instead of binding the configured paths; systemd hears
+/// `READY=1` once they listen and `STOPPING=1` at the signal.
+pub async fn run(
+    config: &Config,
+    args: &SnapshotterArgs,
+    mut activated: Activated,
+) -> anyhow::Result<u8> {
     let root = args
         .root
         .clone()
@@ -66,6 +73,17 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
             .with_context(|| format!("cannot open snapshotter root {}", root.display()))?;
     let stop = CancellationToken::new();
     let metrics = start_metrics(config, &stop).await?;
+    let listening = systemd::take_listener(&mut activated, systemd::SNAPSHOTTER_SOCKET, &socket)
+        .context("cannot listen for the Snapshots API")?;
+    let control_socket = systemd::take_listener(
+        &mut activated,
+        systemd::CONTROL_SOCKET,
+        &config.snapshotter.control_socket,
+    )
+    .context("cannot listen for the control API")?;
+    if !activated.is_empty() {
+        tracing::warn!(names = ?activated.names(), "systemd passed sockets nothing here serves");
+    }
     tracing::info!(
         root = %root.display(),
         index_off = features.index_off,
@@ -80,11 +98,10 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
     );
     let worker = persistence.spawn_worker(stop.clone());
     let flusher = persistence.spawn_flusher(stop.clone());
-    let control_socket = config.snapshotter.control_socket.clone();
-    let control_listener = server::bind(&control_socket).with_context(|| {
+    let (control_listener, control_file) = control_socket.into_tokio().with_context(|| {
         format!(
-            "cannot listen on control socket {}",
-            control_socket.display()
+            "cannot serve {}",
+            config.snapshotter.control_socket.display()
         )
     })?;
     let control = Control::new(
@@ -105,7 +122,7 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         .spawn(ContainerdEvents::new(containers.channel()))
     });
     let control_stop = stop.clone();
-    let control_path = control_socket.clone();
+    let control_path = control_file.path.clone();
     let control_task = tokio::spawn(async move {
         control::serve(
             control,
@@ -115,7 +132,12 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         )
         .await
     });
-    let served = server::serve(Arc::new(core), &socket, shutdown_signal()).await;
+    notify("READY=1\nSTATUS=serving snapshots and control");
+    let shutdown = async {
+        shutdown_signal().await;
+        notify("STOPPING=1");
+    };
+    let served = server::serve(Arc::new(core), listening, shutdown).await;
     stop.cancel();
     if let Err(e) = worker.await {
         tracing::warn!(error = %e, "upload worker ended abnormally");
@@ -135,9 +157,7 @@ pub async fn run(config: &Config, args: &SnapshotterArgs) -> anyhow::Result<u8> 
         }
         Err(e) => tracing::warn!(error = %e, "control server ended abnormally"),
     }
-    if let Err(e) = std::fs::remove_file(&control_socket) {
-        tracing::debug!(socket = %control_socket.display(), error = %e, "cannot remove control socket");
-    }
+    control_file.remove();
     if let Some(m) = metrics
         && let Err(e) = m.await
     {
@@ -164,6 +184,18 @@ async fn start_metrics(
     Ok(Some(tokio::spawn(
         server.run(stop.clone().cancelled_owned()),
     )))
+}
+
+/// Tells systemd `state` when it asked (`NOTIFY_SOCKET`); a failure is only logged (a lost
+/// `READY=1` makes systemd time the start out and restart us).
+fn notify(state: &str) {
+    match systemd::notify(state) {
+        Ok(true) => tracing::debug!(state, "notified systemd"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot notify systemd")
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT. If the handlers cannot be installed, only SIGINT via

@@ -1,16 +1,15 @@
 //! Serving the Snapshots API on a unix socket, plus the trash sweeper.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::proto::snapshots::snapshots_server::SnapshotsServer;
+use crate::sys::systemd::Listening;
 
 use super::core::Snapshotter;
 use super::service::SnapshotService;
@@ -21,16 +20,12 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Failures to set up or run the socket server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot prepare socket {path}")]
-    Socket {
+    #[error("cannot serve on socket {path}")]
+    Listener {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} exists and is not a socket; refusing to replace it")]
-    NotASocket { path: PathBuf },
-    #[error("another process is serving {path}")]
-    InUse { path: PathBuf },
     #[error("gRPC server on {path} failed")]
     Transport {
         path: PathBuf,
@@ -39,47 +34,26 @@ pub enum ServeError {
     },
 }
 
-/// Binds `socket` (parent created, a stale socket replaced, mode 0660).
-pub fn bind(socket: &Path) -> Result<UnixListener, ServeError> {
-    let err = |source| ServeError::Socket {
-        path: socket.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(err)?;
-    }
-    match std::fs::symlink_metadata(socket) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            // A live peer answers; a stale socket left by a crash refuses the connection.
-            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-                return Err(ServeError::InUse {
-                    path: socket.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(socket).map_err(err)?;
-        }
-        Ok(_) => {
-            return Err(ServeError::NotASocket {
-                path: socket.to_path_buf(),
-            });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(socket).map_err(err)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-    Ok(listener)
-}
-
-/// Serves `core` on `socket` until `shutdown` resolves. In-flight requests finish; no state is
-/// deleted on the way out (only the socket file).
+/// Serves `core` on `socket` (bound here, or passed by systemd) until `shutdown` resolves.
+/// In-flight requests finish; no state is deleted on the way out, only the socket file, and
+/// that only when the daemon bound it: systemd's socket stays open across the restart, so
+/// containerd's next connection waits for the next start instead of being refused.
 pub async fn serve(
     core: Arc<Snapshotter>,
-    socket: &Path,
+    socket: Listening,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let listener = bind(socket)?;
-    tracing::info!(socket = %socket.display(), root = %core.root().display(), "serving snapshots");
+    let path = socket.file.path.clone();
+    let (listener, file) = socket.into_tokio().map_err(|source| ServeError::Listener {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!(
+        socket = %path.display(),
+        inherited = file.inherited,
+        root = %core.root().display(),
+        "serving snapshots"
+    );
     let stop = CancellationToken::new();
     let sweeper = tokio::spawn(sweep_trash(Arc::clone(&core), stop.clone()));
     let result = tonic::transport::Server::builder()
@@ -87,17 +61,15 @@ pub async fn serve(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .map_err(|source| ServeError::Transport {
-            path: socket.to_path_buf(),
+            path: path.clone(),
             source,
         });
     stop.cancel();
     if let Err(e) = sweeper.await {
         tracing::warn!(error = %e, "trash sweeper ended abnormally");
     }
-    if let Err(e) = std::fs::remove_file(socket) {
-        tracing::debug!(socket = %socket.display(), error = %e, "cannot remove socket");
-    }
-    tracing::info!(socket = %socket.display(), "snapshotter stopped");
+    file.remove();
+    tracing::info!(socket = %path.display(), "snapshotter stopped");
     result
 }
 

@@ -3,3 +3,5 @@
 pub mod overlay;
 /// Private (0600/0700) files and directories; lives in the leaf `util` so `archive` can use it.
 pub use crate::util::private;
+pub mod socket;
+pub mod systemd;

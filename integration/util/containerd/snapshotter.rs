@@ -13,6 +13,7 @@ use zlayer_storage::config::{
     BackendKind, Config, LayerStorageConfig, OnBaseChange, PersistPolicy,
 };
 
+use super::activation::Activation;
 use super::procs::{signal, stop_child};
 
 /// The binary under test: cargo's build for this test run, or `$ZLAYER_STORAGE_BIN` (e.g. a
@@ -153,6 +154,9 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// File name of a daemon's control socket in its directory.
+const CONTROL_SOCKET_FILE: &str = "control.sock";
+
 /// Settings of one snapshotter daemon.
 #[derive(Debug, Clone)]
 pub struct SnapshotterOptions {
@@ -168,6 +172,8 @@ pub struct SnapshotterOptions {
     pub containerd_address: Option<PathBuf>,
     /// `[metrics] address` (daemon config only); `None` = no endpoint.
     pub metrics_address: Option<String>,
+    /// Socket-activate the daemon: the fixture holds the socket (see [`Activation`]).
+    pub socket_activation: bool,
 }
 
 impl SnapshotterOptions {
@@ -180,6 +186,7 @@ impl SnapshotterOptions {
             snapshotter_extra: toml::Table::new(),
             containerd_address: None,
             metrics_address: None,
+            socket_activation: false,
         }
     }
 
@@ -201,6 +208,13 @@ impl SnapshotterOptions {
     #[must_use]
     pub fn with_metrics_address(mut self, address: &str) -> Self {
         self.metrics_address = Some(address.to_string());
+        self
+    }
+
+    /// Starts the daemon the way systemd's socket units do (see [`Activation`]).
+    #[must_use]
+    pub fn with_socket_activation(mut self) -> Self {
+        self.socket_activation = true;
         self
     }
 
@@ -226,6 +240,8 @@ pub struct SnapshotterDaemon {
     log_path: PathBuf,
     options: SnapshotterOptions,
     child: Option<Child>,
+    /// The held socket and received notifications, when socket-activated.
+    pub activation: Option<Activation>,
 }
 
 impl SnapshotterDaemon {
@@ -243,6 +259,9 @@ impl SnapshotterDaemon {
             config_path: dir.join("storage.toml"),
             cli_config_path: dir.join("cli.toml"),
             log_path: dir.join("snapshotter.log"),
+            activation: options
+                .socket_activation
+                .then(|| Activation::bind(socket, &dir.join(CONTROL_SOCKET_FILE), dir)),
             options,
             child: None,
         };
@@ -299,10 +318,23 @@ impl SnapshotterDaemon {
         assert!(self.child.is_none(), "snapshotter already running");
         let (out, err) = log_file(&self.log_path);
         let bin = bin();
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("snapshotter")
+        let args = [
+            "--config".as_ref(),
+            self.config_path.as_os_str(),
+            "snapshotter".as_ref(),
+        ];
+        let mut cmd = match self.activation.as_mut() {
+            Some(a) => {
+                a.drain();
+                a.command(&bin, &args)
+            }
+            None => {
+                let mut c = Command::new(&bin);
+                c.args(args);
+                c
+            }
+        };
+        let child = cmd
             .env("RUST_LOG", "info,zlayer_storage=debug")
             .env("NO_COLOR", "1")
             .env_remove("ZLAYER_CONFIG")
@@ -316,6 +348,16 @@ impl SnapshotterDaemon {
     }
 
     fn wait_ready(&mut self, timeout: Duration) {
+        if let Some(mut activation) = self.activation.take() {
+            // The held socket accepts connections before the daemon serves: wait for READY=1.
+            let log_path = self.log_path.clone();
+            let child = self.child.as_mut().expect("snapshotter spawned");
+            activation.wait_ready(child, timeout, || {
+                fs::read_to_string(&log_path).unwrap_or_default()
+            });
+            self.activation = Some(activation);
+            return;
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(child) = self.child.as_mut()
@@ -410,14 +452,19 @@ impl SnapshotterDaemon {
             .count()
     }
 
-    /// The daemon's control socket (`[snapshotter] control_socket`), inside its dir.
-    pub fn control_socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
-    }
-
     /// The socket containerd dials.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The config the CLI runs with ([`SnapshotterDaemon::cli`]).
+    pub fn cli_config_path(&self) -> PathBuf {
+        self.cli_config_path.clone()
+    }
+
+    /// The control socket (flush, status; the hook's protocol).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join(CONTROL_SOCKET_FILE)
     }
 
     /// Everything the daemon logged so far (across restarts).
