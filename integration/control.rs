@@ -170,6 +170,41 @@ fn flush_by_cli_and_hook_line_makes_a_stopped_containers_layer_durable() {
     );
     assert_eq!(stored_file(d, "ctl/1", "data/f").as_deref(), Some("live\n"));
     c.ctr(&["task", "kill", "-s", "KILL", "r1"]);
+
+    // forget: refused while the identity is live here, then drops the manifest.
+    let out = d.cli(&["forget", "ctl/0", "--yes"]);
+    assert!(!out.status.success(), "{}", describe_run(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("held by live snapshot"),
+        "{}",
+        describe_run(&out)
+    );
+    let out = d.cli(&["forget", "ctl/0"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "no --yes and no terminal: {}",
+        describe_run(&out)
+    );
+    c.ctr_ok(&["containers", "rm", "k1"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = d.cli(&["forget", "ctl/0", "--yes"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forget never allowed: {}",
+            describe_run(&out)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        stored_file(d, "ctl/0", "data/f"),
+        None,
+        "the manifest is gone"
+    );
 }
 
 #[test]
