@@ -20,18 +20,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
 
 use crate::layer::SyncOptions;
 use crate::layer::types::ContainerLayerId;
 use crate::metrics::{self, ErrorKind, Outcome, Trigger};
 use crate::snapshotter::key::BackendKey;
-use crate::snapshotter::meta;
 
 use super::db::{self, Resolution, SnapshotRow};
 use super::error::{PersistError, Result};
 use super::flush_db::{self, FlushRow, FlushState};
+use super::flush_target::{Found, find, live_dir};
 use super::{Persistence, error_chain};
 
 /// What to flush.
@@ -105,13 +104,6 @@ const MAX_RETRY: Duration = Duration::from_secs(60);
 const MAX_LOCAL_ATTEMPTS: i64 = 3;
 /// Waiters look at their request at least this often, in case a wake-up was missed.
 const WAIT_RECHECK: Duration = Duration::from_millis(500);
-
-/// Where a request's snapshot was found.
-enum Found {
-    Live(SnapshotRow),
-    QueuedOnly(ContainerLayerId),
-    Nothing,
-}
 
 impl Persistence {
     /// Records a flush request (durably) and wakes the flusher; does not wait for the upload.
@@ -193,6 +185,30 @@ impl Persistence {
             });
         }
         Ok(())
+    }
+
+    /// A request recorded as "the task stopped" must not sync an upper that a new task (a
+    /// restart between the stop and the flush) is writing again. containerd being unreachable
+    /// is no reason to wait: without it no task can start.
+    async fn refuse_restarted(&self, key: &str) -> Result<()> {
+        let Some(bkey) = BackendKey::parse(key) else {
+            return Ok(());
+        };
+        match self.containers.task_status(bkey.namespace, bkey.name).await {
+            Ok(status) if status.may_write() => Err(PersistError::ContainerRunning {
+                namespace: bkey.namespace.to_string(),
+                container: bkey.name.to_string(),
+                status: format!(
+                    "{} again since the stop that asked for this flush",
+                    status.as_str()
+                ),
+            }),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::debug!(key, error = %error_chain(&e), "cannot ask containerd for the task; it cannot have restarted it");
+                Ok(())
+            }
+        }
     }
 
     /// Waits until `ticket` is durable in the store, at most `timeout`.
@@ -464,6 +480,9 @@ impl Persistence {
             let current = self.current(&row.identity).await?;
             return Ok((current.snapshot.digest, current.seq, unchanged));
         };
+        if row.crash_consistent {
+            self.refuse_restarted(&row.key).await?;
+        }
         let dir = att.snapshots.join(snapshot_id.to_string());
         // A Remove may rename the dir into the outbox while we read; the descriptor follows it.
         let opened = {
@@ -533,73 +552,6 @@ fn trigger_of(name: &str) -> Trigger {
 fn flush_ended(row: &FlushRow, outcome: Outcome) {
     let took = Duration::from_nanos(u64::try_from(now_ns() - row.requested_ns).unwrap_or(0));
     metrics::flush_finished(trigger_of(&row.trigger), outcome, took);
-}
-
-/// The snapshot dir id and base of the live, identified snapshot `key` still holding `identity`.
-fn live_dir(
-    c: &Connection,
-    key: &str,
-    identity: &ContainerLayerId,
-) -> Result<Option<(i64, Vec<String>)>> {
-    let Some(row) = db::snapshot(c, key)? else {
-        return Ok(None);
-    };
-    if row.resolution != Resolution::Identified(identity.clone()) || !row.restored {
-        return Ok(None);
-    }
-    let record = meta::get(c, key).map_err(|e| PersistError::Meta(Box::new(e)))?;
-    Ok(record.map(|r| (r.id, row.base)))
-}
-
-/// Resolves a target to the live persisted snapshot, or the identity's queued layers.
-fn find(c: &Connection, snapshots: &Path, target: &FlushTarget) -> Result<Found> {
-    let live = match target {
-        FlushTarget::BackendKey(k) => db::snapshot(c, k)?,
-        FlushTarget::Identity(id) => db::identity_owner(c, id)?,
-        FlushTarget::Container { namespace, id } => {
-            let mut found = None;
-            for key in db::snapshot_keys(c)? {
-                if BackendKey::parse(&key).is_some_and(|b| b.namespace == namespace && b.name == id)
-                {
-                    found = db::snapshot(c, &key)?;
-                    break;
-                }
-            }
-            found
-        }
-        FlushTarget::Upper(path) => {
-            let id = snapshot_id_of_upper(snapshots, path);
-            let mut found = None;
-            if let Some(id) = id {
-                let records = meta::all(c).map_err(|e| PersistError::Meta(Box::new(e)))?;
-                if let Some(r) = records.into_iter().find(|r| r.id == id) {
-                    found = db::snapshot(c, &r.info.name)?;
-                }
-            }
-            found
-        }
-    };
-    if let Some(row) = live {
-        return Ok(Found::Live(row));
-    }
-    // Removed already: its layer may be queued.
-    let queued = db::outbox_rows(c)?.into_iter().find(|r| match target {
-        FlushTarget::Identity(id) => &r.identity == id,
-        FlushTarget::BackendKey(k) => &r.key == k,
-        FlushTarget::Container { namespace, id } => {
-            BackendKey::parse(&r.key).is_some_and(|b| b.namespace == namespace && b.name == id)
-        }
-        FlushTarget::Upper(_) => false,
-    });
-    Ok(queued.map_or(Found::Nothing, |r| Found::QueuedOnly(r.identity)))
-}
-
-/// `<snapshots>/<id>/fs` → id.
-fn snapshot_id_of_upper(snapshots: &Path, upper: &Path) -> Option<i64> {
-    let rest = upper.strip_prefix(snapshots).ok()?;
-    let mut parts = rest.components();
-    let id = parts.next()?.as_os_str().to_str()?.parse().ok()?;
-    (parts.next()?.as_os_str() == "fs" && parts.next().is_none()).then_some(id)
 }
 
 fn retry_delay(attempts: i64) -> Duration {

@@ -241,3 +241,38 @@ fn a_remove_during_a_flush_loses_nothing_and_the_newer_layer_wins() {
         .unwrap_err();
     assert_eq!(ticket.code(), tonic::Code::NotFound);
 }
+
+#[test]
+fn a_stop_time_flush_never_reads_an_upper_a_restarted_task_is_writing() {
+    let env = Env::new();
+    let containers = Arc::new(FakeContainers::default());
+    let node = env.node_with(
+        "a",
+        default_opts(),
+        env.gate(true),
+        containers.clone(),
+        false,
+    );
+    node.base_layer();
+    let upper = node.container("default/3/c1", Some("web/0"));
+    write_files(&upper, &[("f", "at stop\n")]);
+    let mut req = request("c1");
+    req.stopped = true;
+    node.block_on(node.persist.request_flush(req)).unwrap();
+    // Restarted before the flusher got to it.
+    set_task(&containers, "c1", TaskStatus::Running);
+    node.block_on(node.persist.flush_pass());
+    assert!(
+        node.manifest("web/0").is_none(),
+        "a changing upper was synced"
+    );
+    let id = ContainerLayerId::new("web", "0");
+    let rows = node.persist.recent_flushes(&id, 1).unwrap();
+    let error = rows[0].error.clone().unwrap_or_default();
+    assert!(error.contains("running again"), "{error}");
+    // Stopped again: the retry flushes.
+    set_task(&containers, "c1", TaskStatus::Stopped);
+    std::thread::sleep(Duration::from_millis(1100));
+    node.block_on(node.persist.flush_pass());
+    assert_eq!(node.stored("web/0").unwrap(), files(&[("f", "at stop\n")]));
+}

@@ -23,6 +23,7 @@ mod db;
 mod error;
 mod flush;
 mod flush_db;
+mod flush_target;
 pub mod identity;
 mod jobs;
 mod outbox;
