@@ -91,6 +91,28 @@ fn flush_by_cli_and_hook_line_makes_a_stopped_containers_layer_durable() {
     assert_eq!(stored_file(d, "ctl/0", "data/f").as_deref(), Some("v2\n"));
     let digest = answer["digest"].as_str().unwrap().to_string();
 
+    // List (the store's cross-node view) through the gRPC API.
+    let listed = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = zlayer_storage::control::client::connect(&d.control_socket())
+            .await
+            .unwrap();
+        client
+            .list(zlayer_storage::proto::control::ListRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let entry = listed
+        .identities
+        .iter()
+        .find(|i| i.identity == "ctl/0")
+        .unwrap_or_else(|| panic!("{listed:?}"));
+    assert_eq!(entry.digest, digest);
+    assert!(
+        entry.versions >= 2 && entry.compressed_size_bytes > 0,
+        "{entry:?}"
+    );
+
     // Not ours: not_persisted, not an error. Malformed: a clear error naming the problem.
     let other = hook_line(
         &d.control_socket(),
