@@ -687,6 +687,26 @@ fn packaged_storage_config_is_valid() {
         cfg.snapshotter.socket,
         Path::new("/run/zlayer-storage/snapshotter.sock")
     );
+    // Every key that has a default is shown (set or commented out) in its section.
+    let defaults = toml::Value::try_from(zlayer_storage::Config::default()).unwrap();
+    let mut missing = Vec::new();
+    for (section, keys) in defaults.as_table().unwrap() {
+        let body = text
+            .split(&format!("[{section}]\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no [{section}] in {}", path.display()));
+        let body = body.split("\n[").next().unwrap_or_default();
+        for key in keys.as_table().unwrap().keys() {
+            let shown = body.lines().any(|l| {
+                let l = l.trim_start_matches("# ");
+                l.starts_with(&format!("{key} ="))
+            });
+            if !shown {
+                missing.push(format!("[{section}] {key}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{} lacks {missing:?}", path.display());
 }
 
 /// The shipped containerd 1.6/1.7 snippet is accepted by containerd 1.6 and registers the proxy

@@ -51,6 +51,7 @@ need_file usr/share/doc/zlayer-storage/examples/systemd/credentials.conf.example
 need_file usr/share/doc/zlayer-storage/examples/containerd/config-v2.toml -rw-r--r--
 need_file usr/share/doc/zlayer-storage/examples/containerd/config-v3.toml -rw-r--r--
 need_file usr/share/doc/zlayer-storage/examples/cri/base_runtime_spec.json -rw-r--r--
+need_file usr/share/doc/zlayer-storage/examples/grafana/zlayer-storage.json -rw-r--r--
 grep -qx /etc/zlayer/storage.toml <<<"$conffiles" || missing+=("conffile /etc/zlayer/storage.toml")
 grep -q '^ Package: zlayer-storage$' <<<"$info" || missing+=("control field Package: zlayer-storage")
 grep -q '^ Depends: .*libc6' <<<"$info" || missing+=("control field Depends on libc6")

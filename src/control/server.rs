@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::service::ControlService;
@@ -15,6 +16,9 @@ use crate::proto::control::control_server::ControlServer;
 
 /// A client must send its first byte within this time.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for connections accepted before it began.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Failures to run the control server.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,10 @@ pub enum ServeError {
 }
 
 /// Serves `control` on `listener` (already bound, mode set) until `shutdown` resolves.
+///
+/// Shutdown stops accepting first, so connections still in the backlog wait for the next process
+/// (systemd keeps the socket open) instead of being accepted and then dropped; connections
+/// already accepted are answered before the gRPC server drains and returns.
 pub async fn serve(
     control: Control,
     listener: UnixListener,
@@ -35,32 +43,57 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (grpc_tx, grpc_rx) = mpsc::channel::<std::io::Result<UnixStream>>(64);
-    let accept_control = control.clone();
-    let accept = tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+    tracing::info!(socket = %path.display(), "serving control API");
+    // The gRPC server ends when its incoming stream does, i.e. once the accept loop and every
+    // routed connection have dropped their senders; a never-resolving signal still makes it
+    // drain its open connections gracefully rather than cut them.
+    let grpc = tonic::transport::Server::builder()
+        .add_service(ControlServer::new(ControlService::new(control.clone())))
+        .serve_with_incoming_shutdown(ReceiverStream::new(grpc_rx), std::future::pending());
+    let (result, ()) = tokio::join!(grpc, accept(control, listener, grpc_tx, shutdown));
+    result.map_err(|source| ServeError::Transport {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Accepts and routes connections until `shutdown`, then waits (at most [`DRAIN_TIMEOUT`]) for
+/// the connections being routed.
+async fn accept(
+    control: Control,
+    listener: UnixListener,
+    grpc: mpsc::Sender<std::io::Result<UnixStream>>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut routing = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = routing.join_next() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    routing.spawn(route(control.clone(), stream, grpc.clone()));
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "control socket accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
                 }
-            };
-            let (tx, control) = (grpc_tx.clone(), accept_control.clone());
-            tokio::spawn(async move { route(control, stream, tx).await });
+            },
         }
-    });
-    tracing::info!(socket = %path.display(), "serving control API");
-    let result = tonic::transport::Server::builder()
-        .add_service(ControlServer::new(ControlService::new(control)))
-        .serve_with_incoming_shutdown(ReceiverStream::new(grpc_rx), shutdown)
-        .await
-        .map_err(|source| ServeError::Transport {
-            path: path.to_path_buf(),
-            source,
-        });
-    accept.abort();
-    result
+    }
+    drop(listener);
+    drop(grpc);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while routing.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = routing.len(),
+            "control connections still unanswered at shutdown; closing them"
+        );
+    }
 }
 
 /// Hands a connection to the hook handler or to the gRPC server by its first byte.

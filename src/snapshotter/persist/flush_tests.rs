@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::tests::{Env, FakeContainers, default_opts, files, wait_for, write_files};
+use super::flush_db::FlushState;
+use super::tests::{Env, FakeContainers, Node, default_opts, files, wait_for, write_files};
 use super::{FlushRequest, FlushTarget, FlushTicket};
 use crate::layer::types::ContainerLayerId;
 use crate::snapshotter::containers::TaskStatus;
@@ -24,6 +25,20 @@ fn request(id: &str) -> FlushRequest {
     }
 }
 
+/// Node "a" with a base layer; `open`: uploads proceed; `flusher`: the flusher and worker run.
+fn node_on_a_base(env: &Env, open: bool, flusher: bool) -> (Node, Arc<FakeContainers>) {
+    let containers = Arc::new(FakeContainers::default());
+    let node = env.node_with(
+        "a",
+        default_opts(),
+        env.gate(open),
+        containers.clone(),
+        flusher,
+    );
+    node.base_layer();
+    (node, containers)
+}
+
 fn set_task(c: &FakeContainers, id: &str, status: TaskStatus) {
     c.tasks
         .lock()
@@ -34,15 +49,7 @@ fn set_task(c: &FakeContainers, id: &str, status: TaskStatus) {
 #[test]
 fn flush_syncs_in_place_and_repeats_and_the_remove_upload_nothing() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(true),
-        containers.clone(),
-        true,
-    );
-    node.base_layer();
+    let (node, containers) = node_on_a_base(&env, true, true);
     let upper = node.container("default/3/c1", Some("web/0"));
     write_files(&upper, &[("data/db", "v1\n")]);
     set_task(&containers, "c1", TaskStatus::Stopped);
@@ -89,15 +96,7 @@ fn flush_syncs_in_place_and_repeats_and_the_remove_upload_nothing() {
 #[test]
 fn running_containers_are_refused_unless_waived_and_unknown_state_fails_closed() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(true),
-        containers.clone(),
-        true,
-    );
-    node.base_layer();
+    let (node, containers) = node_on_a_base(&env, true, true);
     let upper = node.container("default/3/c1", Some("web/0"));
     write_files(&upper, &[("f", "1\n")]);
 
@@ -196,15 +195,7 @@ fn requests_coalesce_and_a_request_survives_a_crash() {
 #[test]
 fn a_remove_during_a_flush_loses_nothing_and_the_newer_layer_wins() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(false),
-        containers.clone(),
-        true,
-    );
-    node.base_layer();
+    let (node, _containers) = node_on_a_base(&env, false, true);
     let upper = node.container("default/3/c1", Some("web/0"));
     write_files(&upper, &[("f", "old\n")]);
     fs::write(upper.join("pad"), vec![b'x'; 1 << 20]).unwrap();
@@ -245,15 +236,7 @@ fn a_remove_during_a_flush_loses_nothing_and_the_newer_layer_wins() {
 #[test]
 fn a_stop_time_flush_never_reads_an_upper_a_restarted_task_is_writing() {
     let env = Env::new();
-    let containers = Arc::new(FakeContainers::default());
-    let node = env.node_with(
-        "a",
-        default_opts(),
-        env.gate(true),
-        containers.clone(),
-        false,
-    );
-    node.base_layer();
+    let (node, containers) = node_on_a_base(&env, true, false);
     let upper = node.container("default/3/c1", Some("web/0"));
     write_files(&upper, &[("f", "at stop\n")]);
     let mut req = request("c1");
@@ -275,4 +258,50 @@ fn a_stop_time_flush_never_reads_an_upper_a_restarted_task_is_writing() {
     std::thread::sleep(Duration::from_millis(1100));
     node.block_on(node.persist.flush_pass());
     assert_eq!(node.stored("web/0").unwrap(), files(&[("f", "at stop\n")]));
+}
+
+#[test]
+fn a_store_outage_keeps_the_flush_pending_with_its_error_until_the_store_returns() {
+    let env = Env::new();
+    let (node, containers) = node_on_a_base(&env, true, true);
+    let upper = node.container("default/3/c1", Some("web/0"));
+    write_files(&upper, &[("data/db", "kept\n")]);
+    set_task(&containers, "c1", TaskStatus::Stopped);
+    node.gate.fail_reads.store(true, Ordering::SeqCst);
+
+    let ticket = node
+        .block_on(node.persist.request_flush(request("c1")))
+        .unwrap();
+    let id = ContainerLayerId::new("web", "0");
+    // More failed attempts than a local fault gets before it is given up: a store fault never is.
+    wait_for("four failed attempts", WAIT, || {
+        node.persist.recent_flushes(&id, 1).unwrap()[0].attempts >= 4
+    });
+    let row = &node.persist.recent_flushes(&id, 1).unwrap()[0];
+    assert!(
+        matches!(row.state, FlushState::Pending | FlushState::Running),
+        "{:?}",
+        row.state
+    );
+    let error = row.error.clone().unwrap_or_default();
+    assert!(error.contains("injected store fault"), "{error}");
+    let err = node
+        .block_on(node.persist.wait_flush(&ticket, Duration::from_millis(200)))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("injected store fault"),
+        "a timed-out wait names the last error: {err}"
+    );
+    let manifest = node.block_on(node.gate.inner.get_bytes("manifests/web_0.json"));
+    assert!(manifest.unwrap().is_none(), "nothing was published");
+
+    node.gate.fail_reads.store(false, Ordering::SeqCst);
+    let done = node
+        .block_on(node.persist.wait_flush(&ticket, WAIT))
+        .unwrap();
+    assert_eq!(
+        node.stored("web/0").unwrap(),
+        files(&[("data/db", "kept\n")])
+    );
+    assert_eq!(node.manifest("web/0").unwrap().current.digest, done.digest);
 }
