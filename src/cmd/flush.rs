@@ -11,7 +11,6 @@ use crate::cli::FlushArgs;
 
 pub async fn run(config: &Config, args: FlushArgs) -> anyhow::Result<u8> {
     let socket = &config.snapshotter.control_socket;
-    let mut client = client::connect(socket).await?;
     let target = if args.target.contains('/') {
         Target::Identity(args.target.clone())
     } else {
@@ -25,12 +24,13 @@ pub async fn run(config: &Config, args: FlushArgs) -> anyhow::Result<u8> {
         allow_running: args.allow_running,
         trigger: "cli".to_string(),
     };
-    let reply = client
-        .flush(request)
-        .await
-        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))
-        .with_context(|| format!("flush of {} failed", args.target))?
-        .into_inner();
+    // Flushes of one identity coalesce, so a retry after a lost connection is safe.
+    let reply = client::call(socket, |mut c| {
+        let request = request.clone();
+        async move { c.flush(request).await }
+    })
+    .await
+    .with_context(|| format!("flush of {} failed", args.target))?;
     if args.json {
         print_json(&reply)?;
         return Ok(exit::OK);

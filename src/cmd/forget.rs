@@ -33,15 +33,13 @@ pub async fn run(config: &Config, args: ForgetArgs) -> anyhow::Result<u8> {
             return Ok(exit::USAGE);
         }
     }
-    let mut client = client::connect(&config.snapshotter.control_socket).await?;
-    let reply = client
-        .forget(ForgetRequest {
-            identity: args.id.clone(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))
-        .with_context(|| format!("forget of {} failed", args.id))?
-        .into_inner();
+    // Forgetting an identity twice is the same as once, so a lost connection is retried.
+    let reply = client::call(&config.snapshotter.control_socket, |mut c| {
+        let identity = args.id.clone();
+        async move { c.forget(ForgetRequest { identity }).await }
+    })
+    .await
+    .with_context(|| format!("forget of {} failed", args.id))?;
     if reply.removed {
         println!(
             "{}: forgotten (blobs go at the next gc after gc_grace_secs)",

@@ -11,16 +11,21 @@ use super::{exit, print_json};
 use crate::cli::StatusArgs;
 
 pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<u8> {
-    if let Ok(mut client) = client::connect(&config.snapshotter.control_socket).await {
-        let reply = client
-            .status(StatusRequest {
-                identity: String::new(),
-                remote: true,
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))
-            .context("the daemon's status call failed")?
-            .into_inner();
+    let socket = &config.snapshotter.control_socket;
+    let answered = client::call(socket, |mut c| async move {
+        c.status(StatusRequest {
+            identity: String::new(),
+            remote: true,
+        })
+        .await
+    })
+    .await;
+    // No daemon listening: fall back to the state on disk and the store.
+    let reply = match answered {
+        Err(client::CallError::Connect(_)) => None,
+        other => Some(other.context("the daemon's status call failed")?),
+    };
+    if let Some(reply) = reply {
         if args.json {
             print_json(&serde_json::json!({ "daemon": reply }))?;
         } else {
