@@ -9,6 +9,7 @@
 //! - [`control`]: the daemon's control API (flush, status, list, forget) and the hook's protocol.
 //! - [`hook`]: the OCI poststop hook and its line protocol to the daemon.
 //! - [`metrics`]: Prometheus metrics and the endpoint serving them.
+//! - [`replicator`]: SQLite WAL replication to the store.
 
 pub mod archive;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod hook;
 pub mod layer;
 pub mod metrics;
 pub mod proto;
+pub mod replicator;
 pub mod snapshotter;
 pub mod state;
 pub mod store;

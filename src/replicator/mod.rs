@@ -1,0 +1,6 @@
+//! SQLite replication: a database's WAL shipped to the store as whole transactions, restored
+//! (latest or as of any commit) on another node.
+//!
+//! - [`wal`]: reading the WAL file itself, bounded by what SQLite published.
+
+pub mod wal;
