@@ -2,5 +2,7 @@
 //! (latest or as of any commit) on another node.
 //!
 //! - [`wal`]: reading the WAL file itself, bounded by what SQLite published.
+//! - [`segment`]: the stored form of a run of transactions, verified as it is read.
 
+pub mod segment;
 pub mod wal;
