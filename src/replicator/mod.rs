@@ -3,6 +3,8 @@
 //!
 //! - [`wal`]: reading the WAL file itself, bounded by what SQLite published.
 //! - [`segment`]: the stored form of a run of transactions, verified as it is read.
+//! - [`apply`]: a restored database built page by page, checked, and put in place atomically.
 
+pub mod apply;
 pub mod segment;
 pub mod wal;

@@ -296,4 +296,4 @@ fn be32(b: &[u8]) -> u32 {
 
 #[cfg(test)]
 #[path = "wal_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -11,16 +11,16 @@ use super::*;
 
 /// A database in WAL mode with autocheckpoint off, its WAL emptied and the database file copied
 /// to `base` (what the WAL's frames apply to).
-struct Db {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    wal: PathBuf,
-    base: PathBuf,
-    conn: Connection,
+pub(crate) struct Db {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) path: PathBuf,
+    pub(crate) wal: PathBuf,
+    pub(crate) base: PathBuf,
+    pub(crate) conn: Connection,
 }
 
 impl Db {
-    fn new(page_size: u32) -> Self {
+    pub(crate) fn new(page_size: u32) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("app.db");
         let conn = Connection::open(&path).unwrap();
@@ -38,12 +38,12 @@ impl Db {
             base,
             path,
             conn,
-            _dir: dir,
+            dir,
         }
     }
 
     /// Commits one transaction inserting `rows` rows of `size` bytes.
-    fn commit(&self, rows: usize, size: usize) {
+    pub(crate) fn commit(&self, rows: usize, size: usize) {
         self.conn.execute_batch("BEGIN").unwrap();
         for _ in 0..rows {
             self.conn
@@ -57,14 +57,14 @@ impl Db {
     }
 
     /// The frame count SQLite has published.
-    fn published(&self) -> u32 {
+    pub(crate) fn published(&self) -> u32 {
         self.conn
             .query_row("PRAGMA wal_checkpoint(NOOP)", [], |r| r.get::<_, i64>(1))
             .map(|n| u32::try_from(n).unwrap())
             .unwrap()
     }
 
-    fn rows(path: &Path) -> Vec<(i64, Vec<u8>)> {
+    pub(crate) fn rows(path: &Path) -> Vec<(i64, Vec<u8>)> {
         let c = Connection::open(path).unwrap();
         let ok: String = c
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))

@@ -1,0 +1,160 @@
+//! Building a restored database: pages written into a private temporary file, then checked by
+//! SQLite and put in place atomically.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Failures building or installing a restored database; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("restored database {path} failed its integrity check: {report}")]
+    Integrity { path: PathBuf, report: String },
+    #[error("cannot check restored database {path}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path} exists; restore refuses to overwrite it without force")]
+    Exists { path: PathBuf },
+}
+
+type Result<T> = std::result::Result<T, ApplyError>;
+
+/// A database file being rebuilt page by page (a snapshot, then transactions).
+#[derive(Debug)]
+pub struct PageFile {
+    file: File,
+    path: PathBuf,
+    page_size: u64,
+}
+
+impl PageFile {
+    /// Creates `path` (0600, must not exist).
+    pub fn create(path: &Path, page_size: u32) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io("create", path))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            page_size: u64::from(page_size),
+        })
+    }
+
+    /// Writes page `pgno` (1-based).
+    pub fn page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, u64::from(pgno - 1) * self.page_size)
+            .map_err(io("write a page of", &self.path))
+    }
+
+    /// Ends a transaction: the database is `db_pages` pages long after it.
+    pub fn commit(&mut self, db_pages: u32) -> Result<()> {
+        self.file
+            .set_len(u64::from(db_pages) * self.page_size)
+            .map_err(io("resize", &self.path))
+    }
+
+    /// Syncs the file, lets SQLite check it (`integrity_check` when `check`), switches it to WAL
+    /// mode and moves it to `dest` (atomically, the directory synced after). `dest` is replaced
+    /// only when `force`; its old `-wal`/`-shm` are removed first then, since they belong to the
+    /// replaced database. On failure the temporary file is removed.
+    pub fn install(self, dest: &Path, check: bool, force: bool) -> Result<()> {
+        let path = self.path.clone();
+        let result = self.install_inner(dest, check, force);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        result
+    }
+
+    fn install_inner(self, dest: &Path, check: bool, force: bool) -> Result<()> {
+        self.file.sync_all().map_err(io("sync", &self.path))?;
+        drop(self.file);
+        let path = self.path;
+        let conn = rusqlite::Connection::open(&path).map_err(sqlite(&path))?;
+        if check {
+            let report: Vec<String> = conn
+                .prepare("PRAGMA integrity_check")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(sqlite(&path))?;
+            if report != ["ok"] {
+                return Err(ApplyError::Integrity {
+                    path,
+                    report: report.join("; "),
+                });
+            }
+        }
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(sqlite(&path))?;
+        if mode != "wal" {
+            return Err(ApplyError::Integrity {
+                path,
+                report: format!("journal mode stays {mode}"),
+            });
+        }
+        conn.close().map_err(|(_, e)| sqlite(&path)(e))?;
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync", &path))?;
+        if force {
+            for side in ["-wal", "-shm"] {
+                let mut p = dest.as_os_str().to_owned();
+                p.push(side);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("remove", Path::new(&p))(e)),
+                }
+            }
+            std::fs::rename(&path, dest).map_err(io("move the restored database to", dest))?;
+        } else {
+            // Never replaces a database that appeared meanwhile (an app that started early).
+            let flags = rustix::fs::RenameFlags::NOREPLACE;
+            match rustix::fs::renameat_with(rustix::fs::CWD, &path, rustix::fs::CWD, dest, flags) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => {
+                    return Err(ApplyError::Exists {
+                        path: dest.to_path_buf(),
+                    });
+                }
+                Err(e) => return Err(io("move the restored database to", dest)(e.into())),
+            }
+        }
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync directory", dir))
+    }
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ApplyError + use<> {
+    let path = path.to_path_buf();
+    move |source| ApplyError::Io { op, path, source }
+}
+
+fn sqlite(path: &Path) -> impl FnOnce(rusqlite::Error) -> ApplyError + use<> {
+    let path = path.to_path_buf();
+    move |source| ApplyError::Sqlite { path, source }
+}
+
+#[cfg(test)]
+#[path = "apply_tests.rs"]
+mod tests;
