@@ -3,8 +3,10 @@
 //!
 //! - [`wal`]: reading the WAL file itself, bounded by what SQLite published.
 //! - [`segment`]: the stored form of a run of transactions, verified as it is read.
+//! - [`source`]: the live database, read under a pin, checkpointed, snapshotted.
 //! - [`apply`]: a restored database built page by page, checked, and put in place atomically.
 
 pub mod apply;
 pub mod segment;
+pub mod source;
 pub mod wal;
