@@ -7,7 +7,8 @@
 #      Garage 2.5.0 (`cargo install`, the S3 server of the S3 tests; about 11 minutes to build);
 #   2. runs every test: `cargo test --locked -- --test-threads=2`. A test whose component is
 #      missing fails, naming it, unless ZLAYER_TESTS_ALLOW_MISSING=1 (then it skips, saying so);
-#   3. fuzzes the archive reader for ZLAYER_FUZZ_SECONDS (default 120; see fuzz/run.sh);
+#   3. fuzzes the archive reader, then the SQLite WAL reader and segment decoder, each for
+#      ZLAYER_FUZZ_SECONDS (default 120) after one build of both (see fuzz/run.sh);
 #   4. builds the release binary and the .deb from it, and checks the package's contents
 #      (packaging/deb.sh);
 #   5. prints how many real-component tests ran (each one records itself in
@@ -86,9 +87,9 @@ cargo test --locked -- --test-threads=2 2>&1 | tee "$test_log"
 test_rc=${PIPESTATUS[0]}
 ((test_rc == 0)) || failed+=("cargo test (exit $test_rc)")
 
-step "fuzz archive_reader (${ZLAYER_FUZZ_SECONDS:-120} s)"
+step "fuzz archive_reader, replicator (${ZLAYER_FUZZ_SECONDS:-120} s each)"
 if ! bash fuzz/run.sh; then
-    failed+=("fuzz archive_reader")
+    failed+=("fuzz (see fuzz/artifacts/<target>.log)")
 fi
 
 step ".deb (release build, cargo deb, contents check)"

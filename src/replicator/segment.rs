@@ -100,6 +100,10 @@ impl SegmentWriter {
     /// Adds a page to the open transaction (opening it if needed).
     pub fn page(&mut self, pgno: u32, data: &[u8]) -> std::io::Result<()> {
         debug_assert_eq!(data.len(), self.header.page_size as usize);
+        if pgno == 0 {
+            // The decoder refuses page 0; never write what cannot be read back.
+            return Err(std::io::Error::other("page number 0"));
+        }
         if self.open.is_none() {
             self.open = Some((self.len, self.hash.clone()));
             self.emit(&[TXN])?;
@@ -139,7 +143,10 @@ impl SegmentWriter {
             committed_unix_ns,
             db_pages,
         };
-        self.next_txid += 1;
+        self.next_txid = self
+            .next_txid
+            .checked_add(1)
+            .ok_or_else(|| std::io::Error::other("transaction id overflows"))?;
         Ok(info)
     }
 
@@ -274,7 +281,9 @@ pub fn decode(
             db_pages,
         };
         last = Some(info);
-        next += 1;
+        next = next
+            .checked_add(1)
+            .ok_or_else(|| corrupt(txid, "transaction id overflows".to_string()))?;
         if sink(SegmentEvent::Commit(info)).map_err(sink_err)? == Flow::Stop {
             return Ok(last);
         }
