@@ -7,6 +7,7 @@
 //! - [`apply`]: a restored database built page by page, checked, and put in place atomically.
 
 pub mod apply;
+pub mod manifest;
 pub mod segment;
 pub mod source;
 pub mod wal;

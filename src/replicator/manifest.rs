@@ -1,0 +1,352 @@
+//! What a replicated database has in the store, so that steady state never LISTs.
+//!
+//! Under `{prefix}sqlite/{name}/` (the store's prefix ends there):
+//! - `metadata.json`: this manifest, replaced with a conditional PUT on each sync that shipped
+//!   something (never when idle);
+//! - `snapshots/{generation}/{txid:016x}.db.zst`: the database after transaction `txid`;
+//! - `wal/{generation}/{first:016x}-{last:016x}.seg.zst`: transactions `first..=last`;
+//! - `wal/{generation}/index-{first:016x}.json`: a full [`IndexChunk`] of segment entries, moved
+//!   out of the manifest so that it stays small however long a generation runs.
+//!
+//! A generation is one unbroken history: every transaction follows the previous one on the same
+//! database. Anything that breaks continuity (the WAL restarted unseen, the file replaced, a
+//! restore to an older point) starts a new generation from a snapshot, so a restore never mixes
+//! histories.
+
+use serde::{Deserialize, Serialize};
+
+/// Format of `metadata.json` written by this version.
+pub const FORMAT: u32 = 1;
+
+/// Segment entries kept in the manifest before they move into an index chunk.
+pub const CHUNK_ENTRIES: usize = 256;
+
+pub const MANIFEST_KEY: &str = "metadata.json";
+
+/// The manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    /// The database's name (the folder in the store).
+    pub name: String,
+    pub page_size: u32,
+    /// Oldest first; the last one is where the replicator appends.
+    pub generations: Vec<Generation>,
+}
+
+/// One unbroken history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Generation {
+    /// 32 hex digits (the segments' lineage).
+    pub id: String,
+    pub created_unix_ms: i64,
+    /// Why it started (new database, discontinuity, restore, …), for operators.
+    pub reason: String,
+    /// Oldest first; the first one is the generation's base.
+    pub snapshots: Vec<Snapshot>,
+    /// Full chunks of segment entries, oldest first.
+    pub chunks: Vec<ChunkRef>,
+    /// Segment entries after the last chunk, oldest first.
+    pub segments: Vec<SegmentEntry>,
+}
+
+/// A snapshot object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// The database as of the end of this transaction (0: before the generation's first).
+    pub txid: u64,
+    /// When that transaction committed (unix ns; the snapshot's time for txid 0).
+    pub committed_unix_ns: i64,
+    pub db_pages: u32,
+    /// Compressed size and SHA-256 of the object, checked on restore.
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A segment object (its key follows from the generation and the range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentEntry {
+    pub first: u64,
+    pub last: u64,
+    /// Commit time of `last` (unix ns), to find a point in time without reading segments.
+    pub last_unix_ns: i64,
+    pub size: u64,
+}
+
+/// An index chunk in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRef {
+    pub first: u64,
+    pub last: u64,
+    pub last_unix_ns: i64,
+}
+
+/// Segment entries moved out of the manifest (immutable once written).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexChunk {
+    pub segments: Vec<SegmentEntry>,
+}
+
+/// Failures reading a manifest; each names the object.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{key} is not a valid manifest: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("{key} has format {found}; this version reads format {FORMAT}")]
+    Format { key: String, found: u32 },
+}
+
+impl Manifest {
+    #[must_use]
+    pub fn new(name: &str, page_size: u32) -> Self {
+        Self {
+            format: FORMAT,
+            name: name.to_string(),
+            page_size,
+            generations: Vec::new(),
+        }
+    }
+
+    /// Parses and checks `bytes` read from `key`.
+    pub fn parse(bytes: &[u8], key: &str) -> Result<Self, ManifestError> {
+        let invalid = |reason: String| ManifestError::Invalid {
+            key: key.to_string(),
+            reason,
+        };
+        #[derive(Deserialize)]
+        struct Probe {
+            format: u32,
+        }
+        let probe: Probe = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        if probe.format != FORMAT {
+            return Err(ManifestError::Format {
+                key: key.to_string(),
+                found: probe.format,
+            });
+        }
+        let m: Self = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        m.check().map_err(invalid)?;
+        Ok(m)
+    }
+
+    /// Serialized form.
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a manifest serializes")
+    }
+
+    /// The generation being appended to.
+    #[must_use]
+    pub fn current(&self) -> Option<&Generation> {
+        self.generations.last()
+    }
+
+    #[must_use]
+    pub fn generation(&self, id: &str) -> Option<&Generation> {
+        self.generations.iter().find(|g| g.id == id)
+    }
+
+    pub fn generation_mut(&mut self, id: &str) -> Option<&mut Generation> {
+        self.generations.iter_mut().find(|g| g.id == id)
+    }
+
+    /// Ranges must follow each other within a generation, and start right after its base.
+    fn check(&self) -> Result<(), String> {
+        for g in &self.generations {
+            if !is_generation_id(&g.id) {
+                return Err(format!("generation id {:?}", g.id));
+            }
+            let Some(base) = g.snapshots.first() else {
+                return Err(format!("generation {} has no snapshot", g.id));
+            };
+            let mut next = base.txid + 1;
+            for c in &g.chunks {
+                if c.first != next || c.last < c.first {
+                    return Err(format!(
+                        "generation {}: chunk {}..={}",
+                        g.id, c.first, c.last
+                    ));
+                }
+                next = c.last + 1;
+            }
+            for s in &g.segments {
+                if s.first != next || s.last < s.first {
+                    return Err(format!(
+                        "generation {}: segment {}..={}",
+                        g.id, s.first, s.last
+                    ));
+                }
+                next = s.last + 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Generation {
+    /// The last transaction stored for this generation.
+    #[must_use]
+    pub fn last_txid(&self) -> u64 {
+        self.segments
+            .last()
+            .map(|s| s.last)
+            .or_else(|| self.chunks.last().map(|c| c.last))
+            .unwrap_or_else(|| self.snapshots.first().map_or(0, |s| s.txid))
+    }
+
+    /// Commit time of the last transaction stored.
+    #[must_use]
+    pub fn last_unix_ns(&self) -> i64 {
+        self.segments
+            .last()
+            .map(|s| s.last_unix_ns)
+            .or_else(|| self.chunks.last().map(|c| c.last_unix_ns))
+            .unwrap_or_else(|| self.snapshots.first().map_or(0, |s| s.committed_unix_ns))
+    }
+
+    /// Appends a segment; when the manifest's entries fill a chunk, returns the chunk to store
+    /// (under [`chunk_key`]) before the manifest that references it.
+    pub fn push_segment(&mut self, entry: SegmentEntry) -> Option<(ChunkRef, IndexChunk)> {
+        self.segments.push(entry);
+        if self.segments.len() < CHUNK_ENTRIES {
+            return None;
+        }
+        let segments = std::mem::take(&mut self.segments);
+        let chunk = ChunkRef {
+            first: segments[0].first,
+            last: entry.last,
+            last_unix_ns: entry.last_unix_ns,
+        };
+        self.chunks.push(chunk);
+        Some((chunk, IndexChunk { segments }))
+    }
+}
+
+/// A fresh generation id.
+#[must_use]
+pub fn new_generation_id() -> String {
+    let mut bytes = [0u8; 16];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        filled +=
+            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())
+                .expect("the kernel's random source");
+    }
+    hex::encode(bytes)
+}
+
+/// The segments' lineage bytes of generation `id`.
+#[must_use]
+pub fn lineage(id: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(id, &mut out).expect("a checked generation id");
+    out
+}
+
+#[must_use]
+pub fn is_generation_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[must_use]
+pub fn snapshot_key(generation: &str, txid: u64) -> String {
+    format!("snapshots/{generation}/{txid:016x}.db.zst")
+}
+
+#[must_use]
+pub fn segment_key(generation: &str, first: u64, last: u64) -> String {
+    format!("wal/{generation}/{first:016x}-{last:016x}.seg.zst")
+}
+
+#[must_use]
+pub fn chunk_key(generation: &str, first: u64) -> String {
+    format!("wal/{generation}/index-{first:016x}.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(base: u64) -> Generation {
+        Generation {
+            id: new_generation_id(),
+            created_unix_ms: 1,
+            reason: "test".into(),
+            snapshots: vec![Snapshot {
+                txid: base,
+                committed_unix_ns: 5,
+                db_pages: 2,
+                size: 10,
+                sha256: "00".repeat(32),
+            }],
+            chunks: Vec::new(),
+            segments: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn entries_move_into_chunks_and_the_manifest_round_trips() {
+        let mut m = Manifest::new("app", 4096);
+        m.generations.push(generation(7));
+        let g = m.generations.last_mut().unwrap();
+        let mut chunks = Vec::new();
+        for i in 0..(CHUNK_ENTRIES as u64 * 2 + 3) {
+            let first = 8 + i * 2;
+            let entry = SegmentEntry {
+                first,
+                last: first + 1,
+                last_unix_ns: i64::try_from(i).unwrap(),
+                size: 1,
+            };
+            chunks.extend(g.push_segment(entry));
+        }
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].1.segments.len(), CHUNK_ENTRIES);
+        assert_eq!(chunks[1].0.first, chunks[0].0.last + 1);
+        assert_eq!(g.segments.len(), 3);
+        assert_eq!(g.last_txid(), 8 + (CHUNK_ENTRIES as u64 * 2 + 2) * 2 + 1);
+        let parsed = Manifest::parse(&m.to_bytes(), MANIFEST_KEY).unwrap();
+        assert_eq!(parsed, m);
+    }
+
+    #[test]
+    fn gaps_unknown_formats_and_bad_ids_are_refused_naming_the_object() {
+        let mut m = Manifest::new("app", 4096);
+        m.generations.push(generation(0));
+        let g = m.generations.last_mut().unwrap();
+        g.push_segment(SegmentEntry {
+            first: 2,
+            last: 3,
+            last_unix_ns: 0,
+            size: 1,
+        });
+        let err = Manifest::parse(&m.to_bytes(), "sqlite/app/metadata.json").unwrap_err();
+        assert!(
+            err.to_string().contains("sqlite/app/metadata.json"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("segment 2..=3"), "{err}");
+
+        let mut m = Manifest::new("app", 4096);
+        m.format = 9;
+        let err = Manifest::parse(&m.to_bytes(), MANIFEST_KEY).unwrap_err();
+        assert!(
+            matches!(err, ManifestError::Format { found: 9, .. }),
+            "{err}"
+        );
+
+        let mut m = Manifest::new("app", 4096);
+        m.generations.push(generation(0));
+        m.generations[0].id = "../../x".into();
+        assert!(Manifest::parse(&m.to_bytes(), MANIFEST_KEY).is_err());
+    }
+}
