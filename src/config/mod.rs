@@ -41,7 +41,9 @@ pub enum ConfigError {
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
+mod replicate;
 mod snapshotter;
+pub use replicate::{DatabaseEntry, ReplicateConfig, default_name, validate_name};
 pub use snapshotter::{MetricsConfig, OnBaseChange, PersistPolicy, SnapshotterConfig};
 
 /// Which object store backs the layers.
@@ -334,6 +336,7 @@ pub struct Config {
     pub snapshotter: SnapshotterConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub replicate: ReplicateConfig,
 }
 
 impl Config {
@@ -360,6 +363,7 @@ impl Config {
         cfg.storage.validate()?;
         cfg.snapshotter.validate()?;
         cfg.metrics.validate()?;
+        cfg.replicate.validate()?;
         Ok(cfg)
     }
 }

@@ -266,25 +266,14 @@ impl Source {
         Ok(Some(out))
     }
 
-    /// Copies the WAL's frames into the database (PASSIVE: never waits for readers or writers)
-    /// up to the pin, after pumping through `sink`.
+    /// Copies the WAL's frames into the database up to the pin (PASSIVE: never waits for
+    /// readers or writers; retried briefly while another connection holds the checkpoint lock).
     ///
-    /// Under [`Source::with_barrier`] the pin marks the WAL's end, so everything is backfilled
-    /// and the pin is taken afresh (a read mark over frames already backfilled would block the
-    /// restart); the app's next write then restarts the WAL.
-    pub fn checkpoint(
-        &mut self,
-        sink: &mut dyn FnMut(WalEvent<'_>) -> std::result::Result<(), String>,
-    ) -> Result<(Pumped, Checkpointed)> {
-        let pumped = self.pump(sink)?;
-        if matches!(pumped, Pumped::Discontinuity { .. }) {
-            let none = Checkpointed {
-                log: 0,
-                backfilled: 0,
-                busy: true,
-            };
-            return Ok((pumped, none));
-        }
+    /// Under [`Source::with_barrier`], after a pump, the pin marks the WAL's end, so everything is
+    /// backfilled; the next pump then takes its pin on a fully backfilled WAL, which lets the
+    /// app's next write restart the WAL. Whatever was read must be durable before this is
+    /// called: once backfilled, frames may be overwritten.
+    pub fn checkpoint(&mut self) -> Result<Checkpointed> {
         let mut done = self.passive()?;
         for _ in 0..PASSIVE_RETRIES {
             if !done.busy {
@@ -293,12 +282,14 @@ impl Source {
             std::thread::sleep(Duration::from_millis(2));
             done = self.passive()?;
         }
-        if !done.busy && done.backfilled == done.log {
-            // Nothing new since the pump when the WAL is fully backfilled under a barrier: this
-            // pump takes a pin on slot 0, which lets the app's next write restart the WAL.
-            self.pump(sink)?;
-        }
-        Ok((pumped, done))
+        Ok(done)
+    }
+
+    /// The database's page size.
+    pub fn page_size(&self) -> Result<u32> {
+        self.noop
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sqlite(&self.path, "read the page size"))
     }
 
     /// Runs a PASSIVE checkpoint on the connection that is never inside a transaction.

@@ -62,6 +62,16 @@ impl Replica {
         }
     }
 
+    /// What the engine does under a barrier: read to the end, checkpoint, take a fresh pin.
+    fn checkpoint(&mut self, source: &mut Source) -> Result<Checkpointed> {
+        source.pump(&mut self.sink())?;
+        let done = source.checkpoint()?;
+        assert!(!done.busy, "{done:?}");
+        source.pump(&mut self.sink())?;
+        self.pending.clear();
+        Ok(done)
+    }
+
     fn pump(&mut self, source: &mut Source) -> Pumped {
         let pumped = source.pump(&mut self.sink()).unwrap();
         self.pending.clear();
@@ -96,15 +106,15 @@ fn a_replica_from_a_snapshot_and_pumped_transactions_equals_the_source_under_a_w
     let mut replica = Replica::start(&mut source, &copy, 4096);
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(&db.path, Arc::clone(&stop));
+    let mut lifetimes = std::collections::BTreeSet::new();
     for round in 0..40 {
         std::thread::sleep(std::time::Duration::from_millis(5));
+        lifetimes.extend(source.cursor().map(|c| c.header.salt));
         let p = replica.pump(&mut source);
         assert!(matches!(p, Pumped::Txns(_)), "round {round}: {p:?}");
         if round % 10 == 9 {
             // A barrier checkpoint lets the WAL restart under the writer; reading continues.
-            source
-                .with_barrier(|s| s.checkpoint(&mut replica.sink()))
-                .unwrap();
+            source.with_barrier(|s| replica.checkpoint(s)).unwrap();
         }
     }
     stop.store(true, Ordering::SeqCst);
@@ -160,9 +170,7 @@ fn app_checkpoints_in_every_mode_never_break_the_history() {
             assert!(matches!(p, Pumped::Txns(_)), "after {mode}: {p:?}");
         }
         if i % 7 == 6 {
-            source
-                .with_barrier(|s| s.checkpoint(&mut replica.sink()))
-                .unwrap();
+            source.with_barrier(|s| replica.checkpoint(s)).unwrap();
         }
     }
     let p = replica.pump(&mut source);
