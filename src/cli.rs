@@ -48,6 +48,81 @@ pub enum Command {
     Flush(FlushArgs),
     /// Drop an identity's layer from the store (asks for confirmation).
     Forget(ForgetArgs),
+    /// SQLite databases replicated to the store: WAL shipped continuously, restored latest or
+    /// as of any commit.
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Replicate databases while they run (sidecar), or run CMD with them (wrapper: restore
+    /// what is missing, start CMD, forward signals, flush when it exits, exit with its code).
+    Replicate(DbReplicateArgs),
+    /// Ask the running replicator to ship everything committed so far; exits 0 once durable.
+    Flush(DbFlushArgs),
+    /// Restore a database (latest, or as of a time or transaction) from the store.
+    Restore(DbRestoreArgs),
+    /// Generation, position, last sync, lag, pending bytes and errors per database.
+    Status(DbStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DbReplicateArgs {
+    /// A database to replicate (repeatable); without any, the config's [[replicate.databases]].
+    #[arg(long = "db", value_name = "PATH")]
+    pub db: Vec<PathBuf>,
+    /// On exit, how long to keep shipping what is left before leaving it in the cache.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub stop_timeout: u64,
+    /// The app to run (wrapper mode), after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DbFlushArgs {
+    /// The database (its path or its store name).
+    #[arg(long = "db", value_name = "PATH")]
+    pub db: String,
+    /// Longest wait for the store.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DbRestoreArgs {
+    /// The database whose replica to restore (names it in the store unless the config does).
+    #[arg(long = "db", value_name = "PATH")]
+    pub db: PathBuf,
+    /// Where to write it [default: the database path].
+    #[arg(long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// The state as of this time (every transaction committed at or before it).
+    #[arg(long, value_parser = parse_time, conflicts_with = "txid")]
+    pub timestamp: Option<DateTime<Utc>>,
+    /// The state right after this transaction (of --generation, default the latest).
+    #[arg(long)]
+    pub txid: Option<u64>,
+    #[arg(long, requires = "txid")]
+    pub generation: Option<String>,
+    /// Replace an existing file (and its -wal/-shm).
+    #[arg(long)]
+    pub force: bool,
+    /// Skip `PRAGMA integrity_check` (checksums are still verified).
+    #[arg(long)]
+    pub no_integrity_check: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DbStatusArgs {
+    /// Only these databases [default: all].
+    #[arg(long = "db", value_name = "PATH")]
+    pub db: Vec<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

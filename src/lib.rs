@@ -32,3 +32,4 @@ mod layout_tests;
 pub use config::{Config, LayerStorageConfig, SnapshotterConfig};
 pub use layer::LayerSyncManager;
 pub use layer::types::{CompletedPart, ContainerLayerId, LayerSnapshot, PendingUpload, SyncState};
+pub use replicator::{SqliteReplicator, SqliteReplicatorConfig};

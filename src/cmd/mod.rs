@@ -13,6 +13,7 @@
 //!
 //! Errors are printed once, here, as one line with the whole cause chain.
 
+mod db;
 mod flush;
 mod forget;
 mod gc;
@@ -66,7 +67,9 @@ pub fn dispatch(cli: Cli) -> u8 {
         }
     };
     let kind = match cli.command {
-        Command::Snapshotter(_) => observability::Kind::Daemon,
+        Command::Snapshotter(_) | Command::Db(crate::cli::DbCommand::Replicate(_)) => {
+            observability::Kind::Daemon
+        }
         _ => observability::Kind::OneShot,
     };
     observability::init(
@@ -111,6 +114,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             Command::Snapshotter(args) => snapshotter::run(&config, &args, activated).await,
             Command::Flush(args) => flush::run(&config, args).await,
             Command::Forget(args) => forget::run(&config, args).await,
+            Command::Db(command) => db::run(&config, command).await,
         }
     });
     match result {
@@ -131,6 +135,9 @@ fn exit_code_for(e: &anyhow::Error) -> u8 {
         matches!(
             cause.downcast_ref::<LayerError>(),
             Some(LayerError::NoSuchVersion { .. } | LayerError::NoManifest { .. })
+        ) || matches!(
+            cause.downcast_ref::<zlayer_storage::replicator::ReplicatorError>(),
+            Some(zlayer_storage::replicator::ReplicatorError::NoReplica { .. })
         )
     });
     if absent {
@@ -171,7 +178,7 @@ fn one_line(s: &str) -> String {
 /// A bad argument discovered after clap parsing (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct UsageError(String);
+pub struct UsageError(pub String);
 
 /// Parses `--id SERVICE/INSTANCE`.
 fn parse_id(s: &str) -> anyhow::Result<ContainerLayerId> {

@@ -56,6 +56,11 @@ impl PageFile {
 
     /// Writes page `pgno` (1-based).
     pub fn page(&mut self, pgno: u32, data: &[u8]) -> Result<()> {
+        if pgno == 0 {
+            return Err(io("write page 0 of", &self.path)(std::io::Error::other(
+                "page numbers start at 1",
+            )));
+        }
         self.file
             .write_all_at(data, u64::from(pgno - 1) * self.page_size)
             .map_err(io("write a page of", &self.path))
@@ -123,6 +128,14 @@ impl PageFile {
             }
             std::fs::rename(&path, dest).map_err(io("move the restored database to", dest))?;
         } else {
+            // A WAL without its database would be replayed onto the restored one.
+            let mut wal = dest.as_os_str().to_owned();
+            wal.push("-wal");
+            if Path::new(&wal).exists() {
+                return Err(ApplyError::Exists {
+                    path: PathBuf::from(wal),
+                });
+            }
             // Never replaces a database that appeared meanwhile (an app that started early).
             let flags = rustix::fs::RenameFlags::NOREPLACE;
             match rustix::fs::renameat_with(rustix::fs::CWD, &path, rustix::fs::CWD, dest, flags) {

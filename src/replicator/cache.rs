@@ -139,6 +139,7 @@ pub enum ItemKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewGeneration {
     pub reason: String,
+    pub page_size: u32,
     pub created_unix_ms: i64,
 }
 

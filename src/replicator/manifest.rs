@@ -30,6 +30,7 @@ pub struct Manifest {
     pub format: u32,
     /// The database's name (the folder in the store).
     pub name: String,
+    /// Page size of the newest generation (each generation records its own).
     pub page_size: u32,
     /// Oldest first; the last one is where the replicator appends.
     pub generations: Vec<Generation>,
@@ -42,6 +43,8 @@ pub struct Generation {
     /// 32 hex digits (the segments' lineage).
     pub id: String,
     pub created_unix_ms: i64,
+    /// Page size of the database in this generation (a replaced file may differ).
+    pub page_size: u32,
     /// Why it started (new database, discontinuity, restore, …), for operators.
     pub reason: String,
     /// Oldest first; the first one is the generation's base.
@@ -166,23 +169,27 @@ impl Manifest {
                 return Err(format!("generation {} has no snapshot", g.id));
             };
             let mut next = base.txid + 1;
+            // Point-in-time restores rely on commit times that never go back.
+            let mut time = base.committed_unix_ns;
             for c in &g.chunks {
-                if c.first != next || c.last < c.first {
+                if c.first != next || c.last < c.first || c.last_unix_ns < time {
                     return Err(format!(
                         "generation {}: chunk {}..={}",
                         g.id, c.first, c.last
                     ));
                 }
                 next = c.last + 1;
+                time = c.last_unix_ns;
             }
             for s in &g.segments {
-                if s.first != next || s.last < s.first {
+                if s.first != next || s.last < s.first || s.last_unix_ns < time {
                     return Err(format!(
                         "generation {}: segment {}..={}",
                         g.id, s.first, s.last
                     ));
                 }
                 next = s.last + 1;
+                time = s.last_unix_ns;
             }
         }
         Ok(())
@@ -280,6 +287,7 @@ mod tests {
         Generation {
             id: new_generation_id(),
             created_unix_ms: 1,
+            page_size: 4096,
             reason: "test".into(),
             snapshots: vec![Snapshot {
                 txid: base,

@@ -250,11 +250,14 @@ impl Source {
     /// Runs `f` while writers are held off (this process holds the write lock). A barrier
     /// that cannot get the lock within the busy timeout gives up (`Ok(None)`): the caller backs
     /// off rather than stall the app.
-    pub fn with_barrier<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<Option<T>> {
+    pub fn with_barrier<T, E: From<SourceError>>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> std::result::Result<T, E>,
+    ) -> std::result::Result<Option<T>, E> {
         match self.barrier.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => {}
             Err(e) if is_busy(&e) => return Ok(None),
-            Err(e) => return Err(sqlite(&self.path, "take the write barrier")(e)),
+            Err(e) => return Err(sqlite(&self.path, "take the write barrier")(e).into()),
         }
         let result = f(self);
         let rolled_back = self

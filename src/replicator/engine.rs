@@ -1,0 +1,652 @@
+//! Reading one database on a thread of its own (SQLite calls block): the WAL's transactions into
+//! segments in the outbox, snapshots, and the checkpoints that keep the WAL small.
+//!
+//! Everything read is made durable in the cache before the WAL may be checkpointed past it, so
+//! the only things a crash can cost are a re-read of the WAL or, when the WAL restarted while
+//! nobody read it, a new generation from a snapshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::cache::{Cache, CacheError, FileId, Item, ItemKind, LocalState, NewGeneration};
+use super::manifest;
+use super::segment::{SegmentHeader, SegmentWriter};
+use super::source::{Pumped, Source, SourceError};
+use super::wal::{WalCursor, WalEvent};
+
+/// How often the WAL's size and time are looked at.
+const POLL: Duration = Duration::from_millis(25);
+/// After the WAL changed, pumps go on this long (a commit is published just after its frames
+/// are written, which is what changes the file).
+const ACTIVE: Duration = Duration::from_millis(250);
+/// An idle database is still pumped this often (a cheap local read, no store request).
+const IDLE_PUMP: Duration = Duration::from_secs(10);
+/// A segment is cut at this size whatever its age.
+const MAX_SEGMENT: u64 = 16 << 20;
+/// WAL frames above which a checkpoint runs.
+const CHECKPOINT_FRAMES: u32 = 1000;
+/// Attempts at a write barrier before a new generation gives up for now.
+const BARRIER_ATTEMPTS: u32 = 20;
+/// A database that cannot be opened for replication yet is tried again this often.
+const START_RETRY: Duration = Duration::from_secs(1);
+
+/// Failures of the reading thread; each names the database or file.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("database {path}: cannot {op}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database {path}: writers kept the write lock; no snapshot could be taken")]
+    Barrier { path: PathBuf },
+    #[error("replicator cache {path} holds {limit} bytes or more: waiting for the store")]
+    CacheFull { path: PathBuf, limit: u64 },
+}
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+/// Settings of one database's reading.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub db_path: PathBuf,
+    /// A segment is cut once its first transaction is this old.
+    pub batch: Duration,
+    pub snapshot_interval: Duration,
+    pub max_cache_size: u64,
+    pub compression_level: i32,
+}
+
+/// Asks of the reading thread.
+#[derive(Debug)]
+pub enum Request {
+    /// Read and cut everything committed; answers with the number of the last outbox item
+    /// (`None`: nothing was ever cut).
+    Flush(Sender<std::result::Result<Option<u64>, String>>),
+    /// The store's history diverged from ours: start over from a snapshot.
+    NewGeneration(String),
+    Stop,
+}
+
+/// What the reading thread shows (status, lag).
+#[derive(Debug, Clone, Default)]
+pub struct EngineStatus {
+    pub generation: String,
+    /// Transactions before this one are in the cache or the store.
+    pub next_txid: u64,
+    pub last_commit_unix_ns: i64,
+    /// Commit time (as seen) of the oldest transaction not yet cut into a segment.
+    pub oldest_unsealed_unix_ns: Option<i64>,
+    pub wal_frames: u32,
+    pub cache_full: bool,
+    pub last_error: Option<String>,
+    /// Last outbox item number created.
+    pub last_item: Option<u64>,
+    /// Reading has started (the database was opened).
+    pub running: bool,
+}
+
+/// Shared between the reading thread and the rest.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub status: Mutex<EngineStatus>,
+    /// Woken when the outbox got an item.
+    pub outbox: tokio::sync::Notify,
+}
+
+/// The segment being written.
+#[derive(Debug)]
+struct Open {
+    writer: SegmentWriter,
+    path: PathBuf,
+    first: u64,
+    first_unix_ns: i64,
+    last_unix_ns: i64,
+    opened: Instant,
+    /// A transaction has pages in the writer but no commit yet.
+    in_txn: bool,
+}
+
+/// Everything but the source, so a barrier's closure can use it while the source is borrowed.
+#[derive(Debug)]
+struct Output {
+    cfg: EngineConfig,
+    cache: Cache,
+    shared: Arc<Shared>,
+    state: LocalState,
+    open: Option<Open>,
+}
+
+/// Runs the reading of one database until [`Request::Stop`] (or the sender is dropped). A
+/// database that cannot be read yet (missing: the app creates it; not in WAL mode yet) is
+/// retried every [`START_RETRY`], with the reason in the status.
+pub fn run(
+    cfg: EngineConfig,
+    cache: Cache,
+    shared: Arc<Shared>,
+    requests: &Receiver<Request>,
+) -> Result<()> {
+    let mut engine = loop {
+        match Engine::start(cfg.clone(), cache.clone(), Arc::clone(&shared)) {
+            Ok(e) => {
+                shared.status.lock().expect("status lock").last_error = None;
+                break e;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let mut st = shared.status.lock().expect("status lock");
+                if st.last_error.as_deref() != Some(&msg) {
+                    tracing::warn!(db = %cfg.db_path.display(), error = %msg, "cannot replicate yet; retrying");
+                }
+                st.last_error = Some(msg);
+                drop(st);
+                match requests.recv_timeout(START_RETRY) {
+                    Ok(Request::Flush(reply)) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                    Ok(Request::NewGeneration(_)) | Err(RecvTimeoutError::Timeout) => {}
+                    Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            }
+        }
+    };
+    shared.status.lock().expect("status lock").running = true;
+    let result = engine.run(requests);
+    shared.status.lock().expect("status lock").running = false;
+    result
+}
+
+#[derive(Debug)]
+struct Engine {
+    source: Source,
+    out: Output,
+    wal_path: PathBuf,
+    last_stat: Option<(u64, SystemTime)>,
+    active_until: Instant,
+    last_pump: Instant,
+    /// WAL lifetime (salts) and length at the last checkpoint, not repeated until it changes.
+    checkpointed: Option<((u32, u32), u32)>,
+    /// A new generation that could not be started yet (nothing is read until it is).
+    pending_generation: Option<String>,
+}
+
+impl Engine {
+    fn start(cfg: EngineConfig, cache: Cache, shared: Arc<Shared>) -> Result<Self> {
+        let path = cfg.db_path.clone();
+        let source = Source::open(&path)?;
+        let id = FileId::of(&path).map_err(io("stat", &path))?;
+        let next_item = cache.items()?.last().map_or(0, |i| i.number + 1);
+        let saved = cache.load_state()?.filter(|s| s.db == id);
+        let reason = if cache.load_state()?.is_some() {
+            "the database file was replaced"
+        } else {
+            "replication of this database started"
+        };
+        let state = match &saved {
+            Some(s) => LocalState {
+                next_item: s.next_item.max(next_item),
+                ..s.clone()
+            },
+            None => LocalState {
+                format: 0,
+                generation: String::new(),
+                page_size: source.page_size()?,
+                next_txid: 1,
+                last_commit_unix_ns: 0,
+                cursor: None,
+                db: id,
+                next_item,
+                last_snapshot_unix_ms: 0,
+            },
+        };
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        let mut engine = Self {
+            source,
+            out: Output {
+                cfg,
+                cache,
+                shared,
+                state,
+                open: None,
+            },
+            wal_path: PathBuf::from(wal_path),
+            last_stat: None,
+            active_until: Instant::now() + ACTIVE,
+            last_pump: Instant::now(),
+            checkpointed: None,
+            pending_generation: None,
+        };
+        match saved.map(|s| s.cursor) {
+            None => engine.new_generation(reason)?,
+            Some(Some(c)) => engine.source.resume(WalCursor::from(c)),
+            Some(None) => {
+                // Nothing was in the WAL at the saved point (after a restore or a snapshot):
+                // only an empty WAL still continues from there.
+                let skipped = engine
+                    .source
+                    .with_barrier(Source::start_at_end)?
+                    .ok_or_else(|| EngineError::Barrier { path: path.clone() })?;
+                if skipped > 0 {
+                    engine.new_generation(
+                        "the WAL had transactions written while the replicator was not reading it",
+                    )?;
+                }
+            }
+        }
+        engine.out.publish();
+        Ok(engine)
+    }
+
+    fn run(&mut self, requests: &Receiver<Request>) -> Result<()> {
+        loop {
+            match requests.recv_timeout(POLL) {
+                Ok(Request::Flush(reply)) => {
+                    let result = self.flush();
+                    let answer = result
+                        .map(|()| self.out.state.next_item.checked_sub(1))
+                        .map_err(|e| e.to_string());
+                    self.out.note(answer.as_ref().err().cloned());
+                    let _ = reply.send(answer);
+                }
+                Ok(Request::NewGeneration(reason)) => {
+                    let r = self.new_generation(&reason);
+                    self.out.note(r.err().map(|e| e.to_string()));
+                }
+                Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    let r = self.pump().and_then(|()| self.out.seal(&self.source));
+                    self.out.publish();
+                    return r;
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let r = self.tick();
+                    self.out.note(r.err().map(|e| e.to_string()));
+                }
+            }
+            self.out.publish();
+        }
+    }
+
+    /// Reads and cuts everything committed so far.
+    fn flush(&mut self) -> Result<()> {
+        if let Some(reason) = self.pending_generation.clone() {
+            self.new_generation(&reason)?;
+        }
+        if self.cache_full()? {
+            return Err(EngineError::CacheFull {
+                path: self.out.cache.dir().to_path_buf(),
+                limit: self.out.cfg.max_cache_size,
+            });
+        }
+        self.pump()?;
+        self.out.seal(&self.source)
+    }
+
+    /// One poll: read when the WAL changed, cut an old enough segment, checkpoint, snapshot.
+    fn tick(&mut self) -> Result<()> {
+        if let Some(reason) = self.pending_generation.clone() {
+            return self.new_generation(&reason);
+        }
+        let now = Instant::now();
+        let stat = std::fs::metadata(&self.wal_path)
+            .ok()
+            .and_then(|m| Some((m.len(), m.modified().ok()?)));
+        if stat != self.last_stat {
+            self.last_stat = stat;
+            self.active_until = now + ACTIVE;
+        }
+        if now < self.active_until || now.duration_since(self.last_pump) >= IDLE_PUMP {
+            self.pump()?;
+        }
+        if let Some(open) = &self.out.open
+            && (open.opened.elapsed() >= self.out.cfg.batch || open.writer.len() >= MAX_SEGMENT)
+        {
+            self.out.seal(&self.source)?;
+        }
+        if self.out.open.is_none() && !self.cache_full()? {
+            self.maybe_checkpoint()?;
+            self.maybe_snapshot()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the outbox is over its limit (then nothing is read: the WAL keeps the frames,
+    /// and the pin keeps anyone from checkpointing them away).
+    fn cache_full(&mut self) -> Result<bool> {
+        let full = self.out.cache.usage()? >= self.out.cfg.max_cache_size;
+        let mut st = self.out.shared.status.lock().expect("status lock");
+        if full && !st.cache_full {
+            tracing::warn!(
+                db = %self.out.cfg.db_path.display(),
+                limit = self.out.cfg.max_cache_size,
+                "replicator cache full: reading and checkpointing stop until the store catches up"
+            );
+        }
+        st.cache_full = full;
+        Ok(full)
+    }
+
+    /// Reads what was published into the open segment; starts a new generation on a break.
+    fn pump(&mut self) -> Result<()> {
+        self.last_pump = Instant::now();
+        if self.cache_full()? {
+            return Ok(());
+        }
+        let pumped = self.source.pump(&mut self.out.sink());
+        self.out.after_pump(&pumped)?;
+        match pumped {
+            Ok(Pumped::Txns(_)) => Ok(()),
+            Ok(Pumped::Discontinuity { reason }) => self.new_generation(reason),
+            Err(SourceError::Wal(e)) if !matches!(e, super::wal::WalError::Io { .. }) => {
+                // A frame below the published end fails its checks: the WAL cannot be trusted
+                // past what was read, so the history restarts from the database itself.
+                tracing::error!(db = %self.out.cfg.db_path.display(), error = %e, "WAL anomaly");
+                self.new_generation(&format!("WAL anomaly: {e}"))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Two phases: a PASSIVE checkpoint while writers go on (copies up to the pin), then, if
+    /// the WAL is still long, a short barrier to read its end, make it durable, backfill the
+    /// rest and re-pin so the app's next write restarts the WAL.
+    fn maybe_checkpoint(&mut self) -> Result<()> {
+        let Some(cursor) = self.source.cursor() else {
+            return Ok(());
+        };
+        let frames = cursor.next_frame - 1;
+        let here = Some((cursor.header.salt, frames));
+        if frames < CHECKPOINT_FRAMES || self.checkpointed == here {
+            return Ok(());
+        }
+        let done = self.source.checkpoint()?;
+        self.checkpointed = here;
+        if done.busy || done.backfilled < done.log {
+            let out = &mut self.out;
+            let result = self.source.with_barrier(|src| {
+                if let Some(reason) = out.read_all(src)? {
+                    return Ok(Some(reason));
+                }
+                let done = src.checkpoint()?;
+                tracing::debug!(?done, "barrier checkpoint");
+                // Re-pin on the backfilled WAL (nothing new: writers are held off).
+                out.read_all(src)
+            });
+            match result? {
+                None => tracing::debug!("write barrier busy; checkpoint later"),
+                Some(Some(reason)) => self.pending_generation = Some(reason.to_string()),
+                Some(None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<()> {
+        let st = &self.out.state;
+        let age = now_ms().saturating_sub(st.last_snapshot_unix_ms);
+        let due = u128::try_from(age).unwrap_or(0) >= self.out.cfg.snapshot_interval.as_millis();
+        let changed = st.last_commit_unix_ns / 1_000_000 > st.last_snapshot_unix_ms;
+        if !due || !changed {
+            return Ok(());
+        }
+        let out = &mut self.out;
+        match self.source.with_barrier(|src| out.read_all(src))? {
+            None => return Ok(()),
+            Some(Some(reason)) => {
+                self.pending_generation = Some(reason.to_string());
+                return Ok(());
+            }
+            Some(None) => {}
+        }
+        let txid = self.out.state.next_txid - 1;
+        let committed = self.out.state.last_commit_unix_ns;
+        self.out.snapshot(&self.source, txid, committed, None)?;
+        Ok(())
+    }
+
+    /// Starts a new generation: what was read so far is cut, then the database as of the WAL's
+    /// end (writers held off for the read) becomes the generation's base snapshot. Until that
+    /// snapshot is in the outbox nothing more is read (the WAL position is past frames the old
+    /// generation never got).
+    fn new_generation(&mut self, reason: &str) -> Result<()> {
+        self.pending_generation = Some(reason.to_string());
+        self.out.discard_partial();
+        self.out.seal(&self.source)?;
+        tracing::info!(db = %self.out.cfg.db_path.display(), reason, "new generation");
+        let mut attempts = 0;
+        while self.source.with_barrier(Source::start_at_end)?.is_none() {
+            attempts += 1;
+            if attempts >= BARRIER_ATTEMPTS {
+                return Err(EngineError::Barrier {
+                    path: self.out.cfg.db_path.clone(),
+                });
+            }
+        }
+        let previous = self.out.state.clone();
+        let st = &mut self.out.state;
+        st.generation = manifest::new_generation_id();
+        st.page_size = self.source.page_size()?;
+        st.next_txid = 1;
+        st.last_commit_unix_ns = now_ns();
+        st.cursor = None;
+        let new = NewGeneration {
+            reason: reason.to_string(),
+            page_size: st.page_size,
+            created_unix_ms: now_ms(),
+        };
+        let committed = st.last_commit_unix_ns;
+        if let Err(e) = self.out.snapshot(&self.source, 0, committed, Some(new)) {
+            // Nothing of the new generation is in the outbox: retried from scratch later.
+            let next_item = self.out.state.next_item;
+            self.out.state = previous;
+            self.out.state.next_item = next_item;
+            return Err(e);
+        }
+        self.pending_generation = None;
+        self.checkpointed = None;
+        Ok(())
+    }
+}
+
+impl Output {
+    /// Reads everything published and cuts it into the outbox (under a barrier: up to the WAL's
+    /// end, with the pin there). A break in continuity is returned, not acted on.
+    fn read_all(&mut self, src: &mut Source) -> Result<Option<&'static str>> {
+        let pumped = src.pump(&mut self.sink());
+        self.after_pump(&pumped)?;
+        if let Pumped::Discontinuity { reason } = pumped? {
+            return Ok(Some(reason));
+        }
+        self.seal(src)?;
+        Ok(None)
+    }
+
+    /// Where WAL events go: pages and commits into the open segment.
+    fn sink(&mut self) -> impl FnMut(WalEvent<'_>) -> std::result::Result<(), String> + '_ {
+        move |event| self.take(event).map_err(|e| e.to_string())
+    }
+
+    fn take(&mut self, event: WalEvent<'_>) -> std::io::Result<()> {
+        if self.open.is_none() {
+            let first = self.state.next_txid;
+            let name = format!("segment-{first:016x}");
+            let (file, path) = self.cache.scratch(&name).map_err(std::io::Error::other)?;
+            let header = SegmentHeader {
+                page_size: self.state.page_size,
+                lineage: manifest::lineage(&self.state.generation),
+                first_txid: first,
+            };
+            self.open = Some(Open {
+                writer: SegmentWriter::new(file, header)?,
+                path,
+                first,
+                first_unix_ns: 0,
+                last_unix_ns: 0,
+                opened: Instant::now(),
+                in_txn: false,
+            });
+        }
+        let open = self.open.as_mut().expect("opened above");
+        match event {
+            WalEvent::Page { pgno, data } => {
+                open.in_txn = true;
+                open.writer.page(pgno, data)
+            }
+            WalEvent::Commit { db_pages, .. } => {
+                let now = now_ns()
+                    .max(self.state.last_commit_unix_ns)
+                    .max(open.last_unix_ns);
+                let info = open.writer.commit(now, db_pages)?;
+                if info.txid == open.first {
+                    open.first_unix_ns = now;
+                }
+                open.last_unix_ns = now;
+                open.in_txn = false;
+                Ok(())
+            }
+        }
+    }
+
+    /// After a pump: a transaction left half written by a failed read is cut off.
+    fn after_pump(&mut self, pumped: &std::result::Result<Pumped, SourceError>) -> Result<()> {
+        if pumped.is_err() || matches!(pumped, Ok(Pumped::Discontinuity { .. })) {
+            self.discard_partial();
+        }
+        Ok(())
+    }
+
+    fn discard_partial(&mut self) {
+        if let Some(open) = &mut self.open
+            && open.in_txn
+        {
+            if let Err(e) = open.writer.discard() {
+                tracing::warn!(error = %e, "cannot cut a half-read transaction; dropping the segment");
+                self.open = None;
+                return;
+            }
+            open.in_txn = false;
+            if open.writer.txns() == 0 {
+                let path = open.path.clone();
+                self.open = None;
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    /// Cuts the open segment into the outbox and moves the saved state past it.
+    fn seal(&mut self, source: &Source) -> Result<()> {
+        let Some(open) = self.open.take() else {
+            // No transaction, but the WAL may have restarted: keep the saved position current
+            // so that a restart resumes in the new lifetime instead of seeing a break.
+            let cursor = source.cursor().map(Into::into);
+            if cursor.is_some() && cursor != self.state.cursor {
+                self.state.cursor = cursor;
+                self.cache.save_state(&self.state)?;
+            }
+            return Ok(());
+        };
+        debug_assert!(!open.in_txn, "sealed with a transaction half read");
+        let last = open.writer.next_txid() - 1;
+        let (first, first_unix_ns, last_unix_ns) =
+            (open.first, open.first_unix_ns, open.last_unix_ns);
+        open.writer
+            .finish()
+            .map_err(io("finish segment", &open.path))?;
+        let kind = ItemKind::Segment {
+            first,
+            last,
+            first_unix_ns,
+            last_unix_ns,
+        };
+        self.add(kind, &open.path)?;
+        self.state.next_txid = last + 1;
+        self.state.last_commit_unix_ns = last_unix_ns;
+        self.state.cursor = source.cursor().map(Into::into);
+        self.cache.save_state(&self.state)?;
+        Ok(())
+    }
+
+    /// Copies the database as of the pin into the outbox as a snapshot after `txid`.
+    fn snapshot(
+        &mut self,
+        source: &Source,
+        txid: u64,
+        committed_unix_ns: i64,
+        new_generation: Option<NewGeneration>,
+    ) -> Result<()> {
+        let (file, path) = self.cache.scratch("snapshot.db")?;
+        drop(file);
+        std::fs::remove_file(&path).map_err(io("prepare", &path))?;
+        source.snapshot_to(&path)?;
+        let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
+        let db_pages = u32::try_from(len / u64::from(self.state.page_size)).unwrap_or(u32::MAX);
+        let kind = ItemKind::Snapshot {
+            txid,
+            committed_unix_ns,
+            db_pages,
+            new_generation,
+        };
+        self.add(kind, &path)?;
+        self.state.last_snapshot_unix_ms = now_ms();
+        self.state.cursor = source.cursor().map(Into::into);
+        self.cache.save_state(&self.state)?;
+        Ok(())
+    }
+
+    fn add(&mut self, kind: ItemKind, path: &Path) -> Result<Item> {
+        let number = self.state.next_item;
+        let generation = self.state.generation.clone();
+        let level = self.cfg.compression_level;
+        let item = self
+            .cache
+            .add_item(number, &generation, kind, path, level)?;
+        self.state.next_item = number + 1;
+        self.shared.status.lock().expect("status lock").last_item = Some(number);
+        self.shared.outbox.notify_one();
+        Ok(item)
+    }
+
+    /// Copies where reading stands into the shared status.
+    fn publish(&self) {
+        let mut st = self.shared.status.lock().expect("status lock");
+        st.generation.clone_from(&self.state.generation);
+        st.next_txid = self.state.next_txid;
+        st.last_commit_unix_ns = self.state.last_commit_unix_ns;
+        st.oldest_unsealed_unix_ns = self
+            .open
+            .as_ref()
+            .filter(|o| o.writer.txns() > 0)
+            .map(|o| o.first_unix_ns);
+        st.wal_frames = self.state.cursor.map_or(0, |c| c.next_frame - 1);
+    }
+
+    /// Records the outcome of a step for status (errors are logged once per change).
+    fn note(&self, error: Option<String>) {
+        let mut st = self.shared.status.lock().expect("status lock");
+        if error.is_some() && st.last_error != error {
+            tracing::warn!(db = %self.cfg.db_path.display(), error = error.as_deref().unwrap_or(""), "replication step failed; retrying");
+        }
+        st.last_error = error;
+    }
+}
+
+fn now_ns() -> i64 {
+    super::now_unix_ns()
+}
+
+fn now_ms() -> i64 {
+    now_ns() / 1_000_000
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + use<> {
+    let path = path.to_path_buf();
+    move |source| EngineError::Io { op, path, source }
+}

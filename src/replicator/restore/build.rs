@@ -1,0 +1,369 @@
+//! Downloading a restore's objects and applying them in order into the database being built,
+//! verifying each on the way.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::{StreamExt, stream};
+use sha2::{Digest, Sha256};
+
+use super::plan::{Plan, Stop};
+use super::{RestoreError, Result, Scratch, store_error};
+use crate::replicator::apply::PageFile;
+use crate::replicator::manifest::{self, MANIFEST_KEY, SegmentEntry, Snapshot};
+use crate::replicator::segment::{self, Flow, SegmentEvent, SegmentHeader, TxnInfo};
+use crate::store::ObjectStore;
+use crate::util::error_chain;
+
+/// The 16 bytes every SQLite database file starts with.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// An object to download and apply.
+#[derive(Debug, Clone)]
+enum Object {
+    Snapshot(Snapshot),
+    Segment(SegmentEntry),
+}
+
+/// A downloaded object.
+#[derive(Debug)]
+struct Fetched {
+    object: Object,
+    key: String,
+    path: PathBuf,
+    size: u64,
+}
+
+/// Downloads the snapshot and the segments, several at once, and applies them strictly in
+/// order on a blocking thread while later ones download. Returns the built file, the last
+/// transaction in it and the bytes downloaded.
+pub(super) async fn build(
+    store: Arc<dyn ObjectStore>,
+    plan: &Plan,
+    segments: Vec<SegmentEntry>,
+    scratch: &Scratch,
+    parallelism: usize,
+) -> Result<(PageFile, TxnInfo, u64)> {
+    let generation = plan.generation.clone();
+    let objects = std::iter::once(Object::Snapshot(plan.snapshot.clone()))
+        .chain(segments.into_iter().map(Object::Segment));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Fetched>(1);
+    let (db, applying) = (scratch.db.clone(), plan.clone());
+    let applier = tokio::task::spawn_blocking(move || {
+        let mut b = Builder::create(&db, &applying)?;
+        while let Some(f) = rx.blocking_recv() {
+            let applied = b.apply(&f);
+            let _ = std::fs::remove_file(&f.path);
+            applied?;
+        }
+        Ok::<_, RestoreError>(b)
+    });
+    let dir = scratch.dir.clone();
+    let downloads = async move {
+        let mut fetched = stream::iter(objects.enumerate())
+            .map(|(i, object)| {
+                let key = match &object {
+                    Object::Snapshot(s) => manifest::snapshot_key(&generation, s.txid),
+                    Object::Segment(e) => manifest::segment_key(&generation, e.first, e.last),
+                };
+                fetch(&*store, object, key, dir.join(format!("{i}.zst")))
+            })
+            .buffered(parallelism);
+        let mut bytes = 0;
+        loop {
+            let f = tokio::select! {
+                f = fetched.next() => f,
+                // The applier failed; its error is the one to report.
+                () = tx.closed() => break,
+            };
+            let Some(f) = f else { break };
+            let f = f?;
+            bytes += f.size;
+            if tx.send(f).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, RestoreError>(bytes)
+    };
+    let (downloaded, applied) = tokio::join!(downloads, applier);
+    let built = applied.map_err(|source| RestoreError::Task {
+        path: scratch.db.clone(),
+        source,
+    })??;
+    let downloaded = downloaded?;
+    match built.stop {
+        Stop::Txid(txid) if txid == built.at.txid => Ok((built.out, built.at, downloaded)),
+        stop => Err(RestoreError::Corrupt {
+            key: MANIFEST_KEY.to_string(),
+            reason: format!(
+                "generation {}: the segments ended at transaction {}, short of {stop:?}",
+                plan.generation, built.at.txid
+            ),
+        }),
+    }
+}
+
+async fn fetch(
+    store: &dyn ObjectStore,
+    object: Object,
+    key: String,
+    path: PathBuf,
+) -> Result<Fetched> {
+    let size = store
+        .download_to_file(&key, &path, None)
+        .await
+        .map_err(|e| store_error(&key, e))?;
+    Ok(Fetched {
+        object,
+        key,
+        path,
+        size,
+    })
+}
+
+/// The database being built, and how far it got.
+#[derive(Debug)]
+struct Builder {
+    out: PageFile,
+    page_size: u32,
+    lineage: [u8; 16],
+    snapshot_txid: u64,
+    /// A time stop becomes a txid once the segment holding it was read.
+    stop: Stop,
+    /// The last transaction applied (the snapshot's at first).
+    at: TxnInfo,
+}
+
+impl Builder {
+    fn create(path: &Path, plan: &Plan) -> Result<Self> {
+        Ok(Self {
+            out: PageFile::create(path, plan.page_size)?,
+            page_size: plan.page_size,
+            lineage: manifest::lineage(&plan.generation),
+            snapshot_txid: plan.snapshot.txid,
+            stop: plan.stop,
+            at: TxnInfo {
+                txid: plan.snapshot.txid,
+                committed_unix_ns: plan.snapshot.committed_unix_ns,
+                db_pages: plan.snapshot.db_pages,
+            },
+        })
+    }
+
+    fn apply(&mut self, f: &Fetched) -> Result<()> {
+        match &f.object {
+            Object::Snapshot(s) => self.snapshot(f, s),
+            Object::Segment(e) => self.segment(f, e),
+        }
+    }
+
+    /// Checks the object's size and SHA-256, then writes its pages.
+    fn snapshot(&mut self, f: &Fetched, s: &Snapshot) -> Result<()> {
+        let corrupt = |reason: String| RestoreError::Corrupt {
+            key: f.key.clone(),
+            reason,
+        };
+        if f.size != s.size {
+            return Err(corrupt(format!(
+                "{} bytes; the manifest says {}",
+                f.size, s.size
+            )));
+        }
+        let mut hash = Sha256::new();
+        std::io::copy(&mut open(&f.path)?, &mut hash).map_err(|source| RestoreError::Io {
+            op: "read",
+            path: f.path.clone(),
+            source,
+        })?;
+        let sha256 = hex::encode(hash.finalize());
+        if !sha256.eq_ignore_ascii_case(&s.sha256) {
+            return Err(corrupt(format!(
+                "sha256 {sha256}; the manifest says {}",
+                s.sha256
+            )));
+        }
+        let mut input = decompress(&f.path)?;
+        let mut page = vec![0u8; self.page_size as usize];
+        let mut pages = 0u32;
+        loop {
+            let n = read_full(&mut input, &mut page)
+                .map_err(|e| corrupt(format!("cannot decompress: {}", error_chain(&e))))?;
+            if n == 0 {
+                break;
+            }
+            if n < page.len() {
+                return Err(corrupt(format!("ends inside page {}", pages + 1)));
+            }
+            if pages == 0 {
+                check_first_page(&page, self.page_size).map_err(corrupt)?;
+            }
+            if pages >= s.db_pages {
+                return Err(corrupt(format!(
+                    "holds more than the {} pages the manifest says",
+                    s.db_pages
+                )));
+            }
+            pages += 1;
+            self.out.page(pages, &page)?;
+        }
+        if pages != s.db_pages || pages == 0 {
+            return Err(corrupt(format!(
+                "holds {pages} pages; the manifest says {}",
+                s.db_pages
+            )));
+        }
+        self.out.commit(pages)?;
+        Ok(())
+    }
+
+    /// Applies the segment's transactions after the snapshot up to the stop.
+    fn segment(&mut self, f: &Fetched, e: &SegmentEntry) -> Result<()> {
+        let corrupt = |reason: String| RestoreError::Corrupt {
+            key: f.key.clone(),
+            reason,
+        };
+        if f.size != e.size {
+            return Err(corrupt(format!(
+                "{} bytes; the manifest says {}",
+                f.size, e.size
+            )));
+        }
+        let limit = match self.stop {
+            Stop::Txid(txid) => txid,
+            Stop::Time { unix_ns, .. } if e.last_unix_ns <= unix_ns => e.last,
+            Stop::Time { unix_ns, .. } => {
+                let txid = self.last_committed_by(f, e, unix_ns)?;
+                self.stop = Stop::Txid(txid);
+                txid
+            }
+        };
+        let (input, header) = (decompress(&f.path)?, self.header(e));
+        let (out, at, skip) = (&mut self.out, &mut self.at, self.snapshot_txid);
+        let (mut writing, mut failed) = (false, None);
+        let decoded = segment::decode(input, header, &mut |event| {
+            let applied = match event {
+                SegmentEvent::Begin { txid } if txid > limit => return Ok(Flow::Stop),
+                SegmentEvent::Begin { txid } => {
+                    // The snapshot already holds transactions up to its own.
+                    writing = txid > skip;
+                    Ok(())
+                }
+                SegmentEvent::Page { pgno, data } if writing => out.page(pgno, data),
+                SegmentEvent::Commit(info) if writing => out.commit(info.db_pages).map(|()| {
+                    *at = info;
+                }),
+                SegmentEvent::Page { .. } | SegmentEvent::Commit(_) => Ok(()),
+            };
+            applied.map(|()| Flow::Continue).map_err(|e| {
+                let message = e.to_string();
+                failed = Some(e);
+                message
+            })
+        });
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        let last = decoded.map_err(|e| corrupt(error_chain(&e)))?;
+        let reached = last.map_or(e.first.saturating_sub(1), |i| i.txid);
+        let to_end = limit >= e.last;
+        let expected = if to_end {
+            e.last
+        } else {
+            limit.max(e.first.saturating_sub(1))
+        };
+        if reached != expected {
+            return Err(corrupt(format!(
+                "ends after transaction {reached}; expected {expected}"
+            )));
+        }
+        if let Some(info) = last.filter(|_| to_end)
+            && info.committed_unix_ns != e.last_unix_ns
+        {
+            return Err(corrupt(format!(
+                "transaction {} committed at {} ns; the manifest says {} ns",
+                info.txid, info.committed_unix_ns, e.last_unix_ns
+            )));
+        }
+        Ok(())
+    }
+
+    /// The last transaction committed at or before `unix_ns` up to this segment's, found by a
+    /// pass that writes nothing (a commit time comes after the transaction's pages).
+    fn last_committed_by(&self, f: &Fetched, e: &SegmentEntry, unix_ns: i64) -> Result<u64> {
+        let (mut last, skip) = (self.at.txid, self.snapshot_txid);
+        segment::decode(decompress(&f.path)?, self.header(e), &mut |event| {
+            Ok(match event {
+                SegmentEvent::Commit(info)
+                    if info.txid > skip && info.committed_unix_ns > unix_ns =>
+                {
+                    Flow::Stop
+                }
+                SegmentEvent::Commit(info) => {
+                    last = last.max(info.txid);
+                    Flow::Continue
+                }
+                SegmentEvent::Begin { .. } | SegmentEvent::Page { .. } => Flow::Continue,
+            })
+        })
+        .map_err(|err| RestoreError::Corrupt {
+            key: f.key.clone(),
+            reason: error_chain(&err),
+        })?;
+        Ok(last)
+    }
+
+    fn header(&self, e: &SegmentEntry) -> SegmentHeader {
+        SegmentHeader {
+            page_size: self.page_size,
+            lineage: self.lineage,
+            first_txid: e.first,
+        }
+    }
+}
+
+/// A snapshot must be a SQLite database of the manifest's page size.
+fn check_first_page(page: &[u8], page_size: u32) -> std::result::Result<(), String> {
+    if page.len() < 100 || &page[..16] != SQLITE_MAGIC {
+        return Err("not a SQLite database".to_string());
+    }
+    let found = match u16::from_be_bytes([page[16], page[17]]) {
+        1 => 65536,
+        n => u32::from(n),
+    };
+    if found != page_size {
+        return Err(format!("page size {found}; the manifest says {page_size}"));
+    }
+    Ok(())
+}
+
+fn open(path: &Path) -> Result<File> {
+    File::open(path).map_err(|source| RestoreError::Io {
+        op: "open",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn decompress(path: &Path) -> Result<zstd::stream::read::Decoder<'static, BufReader<File>>> {
+    zstd::stream::read::Decoder::new(open(path)?).map_err(|source| RestoreError::Io {
+        op: "decompress",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Fills `buf` unless the input ends first; returns how much was read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

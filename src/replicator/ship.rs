@@ -1,0 +1,534 @@
+//! Shipping the outbox to the store: each item's object, then one manifest update for the batch
+//! (conditional on the manifest not having changed since it was read), then the local copies go.
+//!
+//! An item the manifest already has (a crash after the manifest was written) is dropped without
+//! upload. When the store's history of a generation is not the one this node continues (another
+//! replicator appended to it, or it is gone), the reading thread is asked for a new generation
+//! and that generation's items are dropped once the new base snapshot is in the outbox: its
+//! changes are in that snapshot, so nothing is lost.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::cache::{Cache, CacheError, Item, ItemKind};
+use super::engine::{Request, Shared};
+use super::manifest::{
+    self, Generation, MANIFEST_KEY, Manifest, ManifestError, SegmentEntry, Snapshot,
+};
+use crate::store::{ObjectStore, PutCondition, PutOutcome, StoreError, UploadJournal};
+use crate::types::{CompletedPart, PendingUpload};
+
+/// Objects up to this size go up in one conditional PUT.
+const SMALL_OBJECT: u64 = 8 << 20;
+/// Items shipped per manifest update at most.
+const BATCH: usize = 64;
+/// Backoff after a failed batch, doubling up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Failures shipping; each names the object or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(
+        "{key} exists in the store with different contents ({found} bytes, expected {expected})"
+    )]
+    Conflict {
+        key: String,
+        found: u64,
+        expected: u64,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shipping task ended: {0}")]
+    Task(String),
+    #[error("the manifest kept changing under this replicator (another one writes {name}?)")]
+    Contended { name: String },
+}
+
+type Result<T> = std::result::Result<T, ShipError>;
+
+/// What shipping shows (status, flush).
+#[derive(Debug, Clone, Default)]
+pub struct ShipStatus {
+    /// Every outbox item up to this number is in the store.
+    pub shipped_item: Option<u64>,
+    pub last_sync_unix_ms: Option<i64>,
+    /// Commit time of the last transaction the store has.
+    pub durable_commit_unix_ns: Option<i64>,
+    pub durable_generation: Option<String>,
+    pub durable_txid: u64,
+    pub pending_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+/// The shipping side of one database.
+pub struct Shipper {
+    pub store: Arc<dyn ObjectStore>,
+    pub cache: Cache,
+    pub name: String,
+    pub shared: Arc<Shared>,
+    pub status: Arc<Mutex<ShipStatus>>,
+    pub shipped: watch::Sender<Option<u64>>,
+    pub engine: Sender<Request>,
+    /// The manifest as last read or written, with its etag.
+    manifest: Option<(Manifest, Option<String>)>,
+    /// Generations whose history diverged from the store's.
+    diverged: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Shipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shipper")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shipper {
+    #[must_use]
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        cache: Cache,
+        name: String,
+        shared: Arc<Shared>,
+        status: Arc<Mutex<ShipStatus>>,
+        shipped: watch::Sender<Option<u64>>,
+        engine: Sender<Request>,
+    ) -> Self {
+        Self {
+            store,
+            cache,
+            name,
+            shared,
+            status,
+            shipped,
+            engine,
+            manifest: None,
+            diverged: BTreeSet::new(),
+        }
+    }
+
+    /// Ships until `stop` is set and the outbox is empty (or `stop` and the store is failing).
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = FIRST_BACKOFF;
+        let shared = Arc::clone(&self.shared);
+        loop {
+            let notified = shared.outbox.notified();
+            let outcome = self.ship_once().await;
+            let stopping = *stop.borrow();
+            match outcome {
+                Ok(0) if stopping => return,
+                Ok(0) => {
+                    backoff = FIRST_BACKOFF;
+                    tokio::select! {
+                        () = notified => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+                Ok(_) => backoff = FIRST_BACKOFF,
+                Err(e) => {
+                    self.record_error(&e);
+                    if stopping {
+                        return;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn record_error(&self, e: &ShipError) {
+        let msg = super::error_chain(e);
+        let mut st = self.status.lock().expect("ship status");
+        if st.last_error.as_deref() != Some(&msg) {
+            tracing::warn!(db = %self.name, error = %msg, "shipping to the store failed; retrying");
+        }
+        st.last_error = Some(msg);
+    }
+
+    /// Ships one batch; returns how many items left the outbox.
+    pub async fn ship_once(&mut self) -> Result<usize> {
+        let cache = self.cache.clone();
+        let (items, usage) = tokio::task::spawn_blocking(move || {
+            Ok::<_, CacheError>((cache.items()?, cache.usage()?))
+        })
+        .await
+        .map_err(|e| ShipError::Task(e.to_string()))??;
+        self.status.lock().expect("ship status").pending_bytes = usage;
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let batch: Vec<Item> = items.iter().take(BATCH).cloned().collect();
+        let mut attempts = 0;
+        let done = loop {
+            if self.manifest.is_none() {
+                self.manifest = Some(load_manifest(self.store.as_ref(), &self.name).await?);
+            }
+            match self.ship_batch(&batch, &items).await? {
+                Some(done) => break done,
+                None => {
+                    // The manifest changed since it was read: read it again and redo.
+                    self.manifest = None;
+                    attempts += 1;
+                    if attempts >= 5 {
+                        return Err(ShipError::Contended {
+                            name: self.name.clone(),
+                        });
+                    }
+                }
+            }
+        };
+        let cache = self.cache.clone();
+        let removed = done.clone();
+        tokio::task::spawn_blocking(move || removed.iter().try_for_each(|i| cache.remove_item(i)))
+            .await
+            .map_err(|e| ShipError::Task(e.to_string()))??;
+        let last = done.iter().map(|i| i.number).max();
+        let (m, _) = self.manifest.as_ref().expect("manifest loaded");
+        let mut st = self.status.lock().expect("ship status");
+        st.last_error = None;
+        st.last_sync_unix_ms = Some(super::now_unix_ns() / 1_000_000);
+        if let Some(g) = m.current() {
+            st.durable_generation = Some(g.id.clone());
+            st.durable_txid = g.last_txid();
+            st.durable_commit_unix_ns = Some(g.last_unix_ns());
+        }
+        drop(st);
+        if let Some(last) = last {
+            self.shipped
+                .send_modify(|s| *s = Some(s.map_or(last, |p| p.max(last))));
+            self.status.lock().expect("ship status").shipped_item = *self.shipped.borrow();
+        }
+        Ok(done.len())
+    }
+
+    /// Uploads `batch`'s objects and writes the manifest once. `None`: the manifest changed
+    /// under us (nothing is lost; the caller re-reads and retries). Returns the items done.
+    async fn ship_batch(&mut self, batch: &[Item], all: &[Item]) -> Result<Option<Vec<Item>>> {
+        let (mut m, etag) = self.manifest.clone().expect("manifest loaded");
+        let mut done = Vec::new();
+        let mut chunks = Vec::new();
+        for item in batch {
+            if self.diverged.contains(&item.generation) {
+                // Dropped once a later generation's base is waiting behind it.
+                let replaced = all.iter().any(|later| {
+                    later.number > item.number
+                        && matches!(
+                            later.kind,
+                            ItemKind::Snapshot {
+                                new_generation: Some(_),
+                                ..
+                            }
+                        )
+                });
+                if replaced {
+                    done.push(item.clone());
+                    continue;
+                }
+                break;
+            }
+            match placement(&m, item) {
+                Placement::AlreadyThere => {
+                    done.push(item.clone());
+                    continue;
+                }
+                Placement::Diverged(why) => {
+                    tracing::warn!(db = %self.name, generation = %item.generation, why, "history diverged from the store's; starting a new generation");
+                    self.diverged.insert(item.generation.clone());
+                    let _ = self.engine.send(Request::NewGeneration(format!(
+                        "the store's history diverged: {why}"
+                    )));
+                    break;
+                }
+                Placement::Append => {}
+            }
+            self.upload(item).await?;
+            if let Some(chunk) = apply(&mut m, item) {
+                chunks.push(chunk);
+            }
+            done.push(item.clone());
+        }
+        for (key, bytes) in chunks {
+            self.put_immutable(&key, bytes).await?;
+        }
+        if m == self.manifest.as_ref().expect("manifest loaded").0 {
+            return Ok(Some(done));
+        }
+        let cond = etag.map_or(PutCondition::IfNoneMatch, PutCondition::IfMatch);
+        match self
+            .store
+            .put_bytes(MANIFEST_KEY, m.to_bytes(), cond)
+            .await?
+        {
+            PutOutcome::Written { etag } => {
+                self.manifest = Some((m, etag));
+                Ok(Some(done))
+            }
+            PutOutcome::PreconditionFailed => Ok(None),
+        }
+    }
+
+    /// Puts an item's object (skipped when the same object is there already).
+    async fn upload(&self, item: &Item) -> Result<()> {
+        let key = item_key(item);
+        let path = self.cache.item_data(item);
+        if item.size <= SMALL_OBJECT {
+            let bytes = tokio::fs::read(&path)
+                .await
+                .map_err(|source| ShipError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            return self.put_immutable(&key, bytes).await;
+        }
+        self.store
+            .upload_file(&key, &path, &MemoryJournal::default(), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a content-fixed object once; an existing one must have the same size (a re-run
+    /// after a crash), else it belongs to another history and nothing is overwritten.
+    async fn put_immutable(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let expected = bytes.len() as u64;
+        match self
+            .store
+            .put_bytes(key, bytes, PutCondition::IfNoneMatch)
+            .await?
+        {
+            PutOutcome::Written { .. } => Ok(()),
+            PutOutcome::PreconditionFailed => {
+                let found = self.store.head(key).await?.map_or(0, |i| i.size);
+                if found == expected {
+                    Ok(())
+                } else {
+                    Err(ShipError::Conflict {
+                        key: key.to_string(),
+                        found,
+                        expected,
+                    })
+                }
+            }
+        }
+    }
+}
+
+enum Placement {
+    AlreadyThere,
+    Append,
+    Diverged(String),
+}
+
+/// Where `item` goes in `m`.
+fn placement(m: &Manifest, item: &Item) -> Placement {
+    let g = m.generation(&item.generation);
+    match (&item.kind, g) {
+        (
+            ItemKind::Snapshot {
+                new_generation: Some(_),
+                ..
+            },
+            Some(_),
+        ) => Placement::AlreadyThere,
+        (
+            ItemKind::Snapshot {
+                new_generation: Some(_),
+                ..
+            },
+            None,
+        ) => Placement::Append,
+        (_, None) => Placement::Diverged(format!(
+            "generation {} is not in the store's manifest",
+            item.generation
+        )),
+        (ItemKind::Snapshot { txid, .. }, Some(g)) => {
+            if g.snapshots.iter().any(|s| s.txid == *txid) {
+                Placement::AlreadyThere
+            } else if *txid <= g.last_txid() {
+                Placement::Append
+            } else {
+                Placement::Diverged(format!(
+                    "snapshot after transaction {txid} but the store ends at {}",
+                    g.last_txid()
+                ))
+            }
+        }
+        (ItemKind::Segment { first, last, .. }, Some(g)) => {
+            let end = g.last_txid();
+            if *last <= end {
+                Placement::AlreadyThere
+            } else if *first == end + 1 {
+                Placement::Append
+            } else {
+                Placement::Diverged(format!(
+                    "segment {first}..={last} does not follow the store's transaction {end}"
+                ))
+            }
+        }
+    }
+}
+
+/// Adds `item` to `m`; returns an index chunk to store first, if one filled.
+fn apply(m: &mut Manifest, item: &Item) -> Option<(String, Vec<u8>)> {
+    match &item.kind {
+        ItemKind::Snapshot {
+            txid,
+            committed_unix_ns,
+            db_pages,
+            new_generation,
+        } => {
+            let snap = Snapshot {
+                txid: *txid,
+                committed_unix_ns: *committed_unix_ns,
+                db_pages: *db_pages,
+                size: item.size,
+                sha256: item.sha256.clone(),
+            };
+            if let Some(new) = new_generation {
+                m.page_size = new.page_size;
+                m.generations.push(Generation {
+                    id: item.generation.clone(),
+                    created_unix_ms: new.created_unix_ms,
+                    page_size: new.page_size,
+                    reason: new.reason.clone(),
+                    snapshots: vec![snap],
+                    chunks: Vec::new(),
+                    segments: Vec::new(),
+                });
+            } else if let Some(g) = m.generation_mut(&item.generation) {
+                g.snapshots.push(snap);
+                g.snapshots.sort_by_key(|s| s.txid);
+            }
+            None
+        }
+        ItemKind::Segment {
+            first,
+            last,
+            last_unix_ns,
+            ..
+        } => {
+            let g = m.generation_mut(&item.generation)?;
+            let entry = SegmentEntry {
+                first: *first,
+                last: *last,
+                last_unix_ns: *last_unix_ns,
+                size: item.size,
+            };
+            g.push_segment(entry).map(|(chunk, index)| {
+                (
+                    manifest::chunk_key(&g.id, chunk.first),
+                    serde_json::to_vec(&index).expect("index serializes"),
+                )
+            })
+        }
+    }
+}
+
+/// The store key of an item's object.
+#[must_use]
+pub fn item_key(item: &Item) -> String {
+    match item.kind {
+        ItemKind::Snapshot { txid, .. } => manifest::snapshot_key(&item.generation, txid),
+        ItemKind::Segment { first, last, .. } => {
+            manifest::segment_key(&item.generation, first, last)
+        }
+    }
+}
+
+/// Reads the manifest with the etag of exactly that version (HEAD, GET, HEAD agree), or a new
+/// empty one when the store has none.
+pub async fn load_manifest(
+    store: &dyn ObjectStore,
+    name: &str,
+) -> Result<(Manifest, Option<String>)> {
+    for _ in 0..5 {
+        let before = store.head(MANIFEST_KEY).await?;
+        let Some(bytes) = store.get_bytes(MANIFEST_KEY).await? else {
+            if before.is_none() {
+                return Ok((Manifest::new(name, 0), None));
+            }
+            continue;
+        };
+        let after = store.head(MANIFEST_KEY).await?;
+        let (Some(b), Some(a)) = (before, after) else {
+            continue;
+        };
+        if b.etag == a.etag {
+            let key = format!("{}/{MANIFEST_KEY}", store.describe());
+            return Ok((Manifest::parse(&bytes, &key)?, a.etag));
+        }
+    }
+    Err(ShipError::Contended {
+        name: name.to_string(),
+    })
+}
+
+/// Multipart state for one upload call (snapshots are retaken rather than resumed after a
+/// crash, so nothing needs to outlive the process).
+#[derive(Default)]
+struct MemoryJournal {
+    uploads: Mutex<HashMap<String, PendingUpload>>,
+}
+
+#[async_trait::async_trait]
+impl UploadJournal for MemoryJournal {
+    async fn load_upload(
+        &self,
+        key: &str,
+    ) -> std::result::Result<Option<PendingUpload>, StoreError> {
+        Ok(self.uploads.lock().expect("journal").get(key).cloned())
+    }
+    async fn begin_upload(&self, upload: &PendingUpload) -> std::result::Result<(), StoreError> {
+        self.uploads
+            .lock()
+            .expect("journal")
+            .insert(upload.object_key.clone(), upload.clone());
+        Ok(())
+    }
+    async fn record_part(
+        &self,
+        key: &str,
+        _upload_id: &str,
+        part: &CompletedPart,
+    ) -> std::result::Result<(), StoreError> {
+        if let Some(u) = self.uploads.lock().expect("journal").get_mut(key) {
+            u.completed_parts.insert(part.part_number, part.clone());
+        }
+        Ok(())
+    }
+    async fn finish_upload(
+        &self,
+        key: &str,
+        _upload_id: &str,
+    ) -> std::result::Result<(), StoreError> {
+        self.uploads.lock().expect("journal").remove(key);
+        Ok(())
+    }
+    async fn known_upload_ids(&self) -> std::result::Result<Vec<String>, StoreError> {
+        Ok(self
+            .uploads
+            .lock()
+            .expect("journal")
+            .values()
+            .map(|u| u.upload_id.clone())
+            .collect())
+    }
+}
