@@ -1,10 +1,10 @@
 //! A real SQLite writer process for the replication tests (bundled SQLite, like the sidecar's,
 //! so the app side is past the 3.51.3 WAL-reset fix).
 //!
-//! `sqlite_writer write DB ACKS [--max N] [--exit CODE] [--checkpoints] [--page-size N]`
+//! `sqlite_writer write DB ACKS [--max N] [--exit CODE] [--checkpoints] [--page-size N] [--pace-us N]`
 //! commits numbered transactions (`seq` 1, 2, …, continuing after the largest in DB) of mixed
 //! sizes — multi-page rows, some transactions larger than the page cache, a VACUUM now and
-//! then — and appends each `seq` to ACKS once its COMMIT returned (the test's oracle). With
+//! then (every 1000) — and appends each `seq` to ACKS once its COMMIT returned (the test's oracle). With
 //! `--checkpoints` it also runs PASSIVE, RESTART and TRUNCATE checkpoints itself.
 //!
 //! `sqlite_writer count DB OUT` writes the number of rows to OUT (the wrapped-app test).
@@ -46,6 +46,8 @@ fn write(db: &str, acks: &str, rest: &[String]) {
     let page_size: u32 =
         flag(rest, "--page-size").map_or(8192, |v| v.parse().expect("--page-size"));
     let checkpoints = rest.iter().any(|a| a == "--checkpoints");
+    let pace =
+        Duration::from_micros(flag(rest, "--pace-us").map_or(0, |v| v.parse().expect("--pace-us")));
     let c = Connection::open(db).expect("open the database");
     c.busy_timeout(Duration::from_secs(10))
         .expect("busy timeout");
@@ -86,6 +88,11 @@ fn write(db: &str, acks: &str, rest: &[String]) {
             80..=94 => 9_000 + next() % 30_000,
             _ => 200,
         };
+        let kind = if kind >= 95 && next() % 4 != 0 {
+            0
+        } else {
+            kind
+        };
         tx.execute(
             "INSERT INTO t(seq, payload) VALUES (?1, randomblob(?2))",
             rusqlite::params![
@@ -96,24 +103,21 @@ fn write(db: &str, acks: &str, rest: &[String]) {
         .expect("insert");
         if kind >= 95 {
             // Larger than the page cache: the transaction spills before it commits.
+            // (Deleted again in the same transaction: the database does not grow.)
             tx.execute_batch(
                 "CREATE TABLE IF NOT EXISTS filler(x BLOB);
-                 INSERT INTO filler SELECT randomblob(3000) FROM generate_series(1, 300);
-                 DELETE FROM filler WHERE rowid % 2 = 0;",
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+                 INSERT INTO filler SELECT randomblob(3000) FROM n;
+                 DELETE FROM filler;",
             )
-            .or_else(|_| {
-                tx.execute_batch(
-                    "CREATE TABLE IF NOT EXISTS filler(x BLOB);
-                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
-                     INSERT INTO filler SELECT randomblob(3000) FROM n;
-                     DELETE FROM filler WHERE rowid % 2 = 0;",
-                )
-            })
             .expect("filler");
         }
         tx.commit().expect("commit");
         writeln!(acks, "{seq}").expect("ack");
         done += 1;
+        if !pace.is_zero() {
+            std::thread::sleep(pace);
+        }
         if seq.is_multiple_of(400) {
             c.execute_batch("DELETE FROM filler; VACUUM;")
                 .or_else(|_| c.execute_batch("VACUUM"))

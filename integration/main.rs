@@ -15,6 +15,7 @@ mod metrics_endpoint;
 mod packaging;
 mod snapshotter_conformance;
 mod socket_activation;
+mod sqlite_replication;
 mod store_s3;
 mod store_stream;
 mod util;

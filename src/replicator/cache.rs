@@ -179,6 +179,19 @@ impl Cache {
         }
         let cache = Self { dir };
         cache.clean()?;
+        if let Some(state) = cache.load_state()? {
+            // Items numbered past the saved state were cut after it was last saved (a crash in
+            // between) and never shipped (see [`Cache::shippable_below`]): the WAL still holds
+            // their transactions unless it restarted meanwhile, which the resume detects. Kept,
+            // they would overlap what is read again.
+            for orphan in cache
+                .items()?
+                .iter()
+                .filter(|i| i.number >= state.next_item)
+            {
+                cache.remove_item(orphan)?;
+            }
+        }
         Ok(cache)
     }
 
@@ -364,6 +377,15 @@ impl Cache {
         Ok(())
     }
 
+    /// Items below this number may be shipped now: the saved state counts them, or there is
+    /// no state and they are all an earlier history's.
+    pub fn shippable_below(&self) -> Result<u64> {
+        Ok(match self.load_state()? {
+            Some(s) => s.next_item,
+            None => self.items()?.last().map_or(0, |i| i.number + 1),
+        })
+    }
+
     /// Bytes the outbox holds.
     pub fn usage(&self) -> Result<u64> {
         let outbox = self.outbox();
@@ -475,6 +497,45 @@ mod tests {
             fs::metadata(cache.dir()).unwrap().permissions().mode() & 0o777,
             0o700
         );
+    }
+
+    #[test]
+    fn items_cut_after_the_last_saved_state_are_dropped_at_open_and_never_shippable() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::open(root.path(), "app").unwrap();
+        for n in 0..4u64 {
+            let (mut f, path) = cache.scratch("seg").unwrap();
+            f.write_all(b"pages").unwrap();
+            let kind = ItemKind::Segment {
+                first: n + 1,
+                last: n + 1,
+                first_unix_ns: 0,
+                last_unix_ns: 0,
+            };
+            cache.add_item(n, "g", kind, &path, 3).unwrap();
+        }
+        assert_eq!(
+            cache.shippable_below().unwrap(),
+            4,
+            "no state: an earlier history's"
+        );
+        let state = LocalState {
+            format: STATE_FORMAT,
+            generation: "g".into(),
+            page_size: 4096,
+            next_txid: 3,
+            last_commit_unix_ns: 0,
+            cursor: None,
+            db: FileId { dev: 1, ino: 2 },
+            next_item: 2,
+            last_snapshot_unix_ms: 0,
+        };
+        cache.save_state(&state).unwrap();
+        assert_eq!(cache.shippable_below().unwrap(), 2);
+        // A crash after items 2 and 3 were cut but before the state counted them.
+        let cache = Cache::open(root.path(), "app").unwrap();
+        let left: Vec<u64> = cache.items().unwrap().iter().map(|i| i.number).collect();
+        assert_eq!(left, [0, 1]);
     }
 
     #[test]

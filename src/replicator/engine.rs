@@ -70,10 +70,27 @@ pub struct EngineConfig {
 pub enum Request {
     /// Read and cut everything committed; answers with the number of the last outbox item
     /// (`None`: nothing was ever cut).
-    Flush(Sender<std::result::Result<Option<u64>, String>>),
+    Flush(Sender<std::result::Result<Option<u64>, FlushRefused>>),
     /// The store's history diverged from ours: start over from a snapshot.
     NewGeneration(String),
     Stop,
+}
+
+/// Why a flush was not done.
+#[derive(Debug, Clone)]
+pub struct FlushRefused {
+    /// The cache is full: the flush can be asked again once the store took some of it.
+    pub cache_full: bool,
+    pub message: String,
+}
+
+impl FlushRefused {
+    fn from(e: &EngineError) -> Self {
+        Self {
+            cache_full: matches!(e, EngineError::CacheFull { .. }),
+            message: super::error_chain(e),
+        }
+    }
 }
 
 /// What the reading thread shows (status, lag).
@@ -92,6 +109,8 @@ pub struct EngineStatus {
     pub last_item: Option<u64>,
     /// Reading has started (the database was opened).
     pub running: bool,
+    /// Outbox items numbered below this are counted by the saved state and may be shipped.
+    pub shippable_below: u64,
 }
 
 /// Shared between the reading thread and the rest.
@@ -150,7 +169,7 @@ pub fn run(
                 drop(st);
                 match requests.recv_timeout(START_RETRY) {
                     Ok(Request::Flush(reply)) => {
-                        let _ = reply.send(Err(e.to_string()));
+                        let _ = reply.send(Err(FlushRefused::from(&e)));
                     }
                     Ok(Request::NewGeneration(_)) | Err(RecvTimeoutError::Timeout) => {}
                     Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -183,9 +202,10 @@ impl Engine {
         let path = cfg.db_path.clone();
         let source = Source::open(&path)?;
         let id = FileId::of(&path).map_err(io("stat", &path))?;
+        let saved = cache.load_state()?;
         let next_item = cache.items()?.last().map_or(0, |i| i.number + 1);
-        let saved = cache.load_state()?.filter(|s| s.db == id);
-        let reason = if cache.load_state()?.is_some() {
+        let saved = saved.filter(|s| s.db == id);
+        let reason = if saved.is_none() && cache.load_state()?.is_some() {
             "the database file was replaced"
         } else {
             "replication of this database started"
@@ -242,6 +262,11 @@ impl Engine {
                 }
             }
         }
+        {
+            let mut st = engine.out.shared.status.lock().expect("status lock");
+            st.shippable_below = engine.out.state.next_item;
+        }
+        engine.out.shared.outbox.notify_one();
         engine.out.publish();
         Ok(engine)
     }
@@ -251,10 +276,11 @@ impl Engine {
             match requests.recv_timeout(POLL) {
                 Ok(Request::Flush(reply)) => {
                     let result = self.flush();
-                    let answer = result
-                        .map(|()| self.out.state.next_item.checked_sub(1))
-                        .map_err(|e| e.to_string());
-                    self.out.note(answer.as_ref().err().cloned());
+                    let answer = match &result {
+                        Ok(()) => Ok(self.out.state.next_item.checked_sub(1)),
+                        Err(e) => Err(FlushRefused::from(e)),
+                    };
+                    self.out.note(result.err().map(|e| e.to_string()));
                     let _ = reply.send(answer);
                 }
                 Ok(Request::NewGeneration(reason)) => {
@@ -286,7 +312,13 @@ impl Engine {
                 limit: self.out.cfg.max_cache_size,
             });
         }
-        self.pump()?;
+        loop {
+            self.pump()?;
+            if !self.source.behind() || self.pending_generation.is_some() {
+                break;
+            }
+            self.out.seal_if_full(&self.source)?;
+        }
         self.out.seal(&self.source)
     }
 
@@ -303,8 +335,12 @@ impl Engine {
             self.last_stat = stat;
             self.active_until = now + ACTIVE;
         }
-        if now < self.active_until || now.duration_since(self.last_pump) >= IDLE_PUMP {
+        if now < self.active_until
+            || self.source.behind()
+            || now.duration_since(self.last_pump) >= IDLE_PUMP
+        {
             self.pump()?;
+            self.out.seal_if_full(&self.source)?;
         }
         if let Some(open) = &self.out.open
             && (open.opened.elapsed() >= self.out.cfg.batch || open.writer.len() >= MAX_SEGMENT)
@@ -541,6 +577,18 @@ impl Output {
         }
     }
 
+    /// Cuts the open segment once it reached [`MAX_SEGMENT`].
+    fn seal_if_full(&mut self, source: &Source) -> Result<()> {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.writer.len() >= MAX_SEGMENT)
+        {
+            self.seal(source)?;
+        }
+        Ok(())
+    }
+
     /// Cuts the open segment into the outbox and moves the saved state past it.
     fn seal(&mut self, source: &Source) -> Result<()> {
         let Some(open) = self.open.take() else {
@@ -549,7 +597,7 @@ impl Output {
             let cursor = source.cursor().map(Into::into);
             if cursor.is_some() && cursor != self.state.cursor {
                 self.state.cursor = cursor;
-                self.cache.save_state(&self.state)?;
+                self.save()?;
             }
             return Ok(());
         };
@@ -570,7 +618,7 @@ impl Output {
         self.state.next_txid = last + 1;
         self.state.last_commit_unix_ns = last_unix_ns;
         self.state.cursor = source.cursor().map(Into::into);
-        self.cache.save_state(&self.state)?;
+        self.save()?;
         Ok(())
     }
 
@@ -597,7 +645,7 @@ impl Output {
         self.add(kind, &path)?;
         self.state.last_snapshot_unix_ms = now_ms();
         self.state.cursor = source.cursor().map(Into::into);
-        self.cache.save_state(&self.state)?;
+        self.save()?;
         Ok(())
     }
 
@@ -609,9 +657,19 @@ impl Output {
             .cache
             .add_item(number, &generation, kind, path, level)?;
         self.state.next_item = number + 1;
-        self.shared.status.lock().expect("status lock").last_item = Some(number);
-        self.shared.outbox.notify_one();
         Ok(item)
+    }
+
+    /// Saves the state; only then may the items it counts be shipped (an item cut after the
+    /// last save is dropped at the next start, so it must never reach the store first).
+    fn save(&mut self) -> Result<()> {
+        self.cache.save_state(&self.state)?;
+        let mut st = self.shared.status.lock().expect("status lock");
+        st.shippable_below = self.state.next_item;
+        st.last_item = self.state.next_item.checked_sub(1);
+        drop(st);
+        self.shared.outbox.notify_one();
+        Ok(())
     }
 
     /// Copies where reading stands into the shared status.

@@ -17,6 +17,9 @@ use super::ship::{self, ShipError, ShipStatus, Shipper};
 use crate::config::{LayerStorageConfig, ReplicateConfig, default_name, validate_name};
 use crate::store::{ObjectStore, StoreError};
 
+/// Pause before asking again for a flush the full cache refused.
+const RETRY: Duration = Duration::from_millis(200);
+
 /// The original design's settings of one replicated database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SqliteReplicatorConfig {
@@ -271,6 +274,15 @@ impl SqliteReplicator {
             });
         }
         let (requests, rx) = mpsc::channel();
+        let cache = self.cache.clone();
+        let shippable = tokio::task::spawn_blocking(move || cache.shippable_below())
+            .await
+            .expect("cache task")?;
+        self.shared
+            .status
+            .lock()
+            .expect("status lock")
+            .shippable_below = shippable;
         let cfg = EngineConfig {
             db_path: self.config.db_path.clone(),
             batch: self.options.sync_interval / 5,
@@ -321,26 +333,41 @@ impl SqliteReplicator {
                 .map(|r| r.requests.clone())
                 .ok_or_else(|| ReplicatorError::NotRunning { db: db.clone() })?
         };
-        let (reply, answer) = mpsc::channel();
-        requests
-            .send(Request::Flush(reply))
-            .map_err(|_| ReplicatorError::NotRunning { db: db.clone() })?;
-        let item = tokio::task::spawn_blocking(move || answer.recv_timeout(timeout))
-            .await
-            .expect("flush wait task")
-            .map_err(|_| ReplicatorError::Flush {
-                db: db.clone(),
-                reason: "the reading thread did not answer".to_string(),
-            })?
-            .map_err(|reason| ReplicatorError::Flush {
-                db: db.clone(),
-                reason,
-            })?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let item = loop {
+            let (reply, answer) = mpsc::channel();
+            requests
+                .send(Request::Flush(reply))
+                .map_err(|_| ReplicatorError::NotRunning { db: db.clone() })?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let answered = tokio::task::spawn_blocking(move || answer.recv_timeout(left))
+                .await
+                .expect("flush wait task")
+                .map_err(|_| ReplicatorError::Flush {
+                    db: db.clone(),
+                    reason: format!("the reading thread did not answer within {timeout:?}"),
+                })?;
+            match answered {
+                Ok(item) => break item,
+                // Uploads make room; reading resumes then, and so can this flush.
+                Err(refused)
+                    if refused.cache_full && tokio::time::Instant::now() + RETRY < deadline =>
+                {
+                    tokio::time::sleep(RETRY).await;
+                }
+                Err(refused) => {
+                    return Err(ReplicatorError::Flush {
+                        db,
+                        reason: refused.message,
+                    });
+                }
+            }
+        };
         let Some(item) = item else {
             return Ok(());
         };
         let mut shipped = self.shipped.clone();
-        let waited = tokio::time::timeout(timeout, async {
+        let waited = tokio::time::timeout_at(deadline, async {
             while shipped.borrow_and_update().is_none_or(|s| s < item) {
                 if shipped.changed().await.is_err() {
                     return;
@@ -427,7 +454,9 @@ impl SqliteReplicator {
             lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
             pending_bytes: s.pending_bytes,
             cache_limit: self.config.max_cache_size,
-            cache_full: e.cache_full,
+            // The reading thread notices room only at its next poll; the shipper's count is
+            // current.
+            cache_full: e.cache_full && s.pending_bytes >= self.config.max_cache_size,
             wal_frames: e.wal_frames,
             last_error: e.last_error.or(s.last_error),
         }

@@ -167,8 +167,16 @@ impl Shipper {
     /// Ships one batch; returns how many items left the outbox.
     pub async fn ship_once(&mut self) -> Result<usize> {
         let cache = self.cache.clone();
+        let shippable = self
+            .shared
+            .status
+            .lock()
+            .expect("status lock")
+            .shippable_below;
         let (items, usage) = tokio::task::spawn_blocking(move || {
-            Ok::<_, CacheError>((cache.items()?, cache.usage()?))
+            let mut items = cache.items()?;
+            items.retain(|i| i.number < shippable);
+            Ok::<_, CacheError>((items, cache.usage()?))
         })
         .await
         .map_err(|e| ShipError::Task(e.to_string()))??;
@@ -198,12 +206,16 @@ impl Shipper {
         };
         let cache = self.cache.clone();
         let removed = done.clone();
-        tokio::task::spawn_blocking(move || removed.iter().try_for_each(|i| cache.remove_item(i)))
-            .await
-            .map_err(|e| ShipError::Task(e.to_string()))??;
+        let usage = tokio::task::spawn_blocking(move || {
+            removed.iter().try_for_each(|i| cache.remove_item(i))?;
+            cache.usage()
+        })
+        .await
+        .map_err(|e| ShipError::Task(e.to_string()))??;
         let last = done.iter().map(|i| i.number).max();
         let (m, _) = self.manifest.as_ref().expect("manifest loaded");
         let mut st = self.status.lock().expect("ship status");
+        st.pending_bytes = usage;
         st.last_error = None;
         st.last_sync_unix_ms = Some(super::now_unix_ns() / 1_000_000);
         if let Some(g) = m.current() {

@@ -20,6 +20,9 @@ pub const MIN_SQLITE: (u32, u32, u32) = (3, 51, 3);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 /// A published bound read while the WAL restarted is retried this often.
 const BOUND_ATTEMPTS: u32 = 5;
+/// Frames one pump reads at most (then it stops at the next commit), so a long WAL becomes
+/// several segments and the reading thread keeps answering.
+const PUMP_FRAMES: u32 = 2048;
 /// PASSIVE attempts inside a barrier while another connection holds the checkpoint lock.
 const PASSIVE_RETRIES: u32 = 25;
 /// Restarts that reached no frame between two lifetimes read (each empty TRUNCATE is one).
@@ -72,6 +75,8 @@ pub struct Source {
     /// Barrier: holds the write lock while a checkpoint or snapshot needs writers held off.
     barrier: Connection,
     cursor: Option<WalCursor>,
+    /// The last pump stopped before the published end (its frame budget ran out).
+    behind: bool,
     /// A pin has been held without a break since the cursor was last advanced by this process.
     /// Then a WAL restart loses nothing: SQLite restarts only a fully backfilled WAL, and no
     /// checkpoint backfills past the oldest pin, whose mark never exceeds what was read.
@@ -132,6 +137,7 @@ impl Source {
             barrier: open()?,
             noop,
             cursor: None,
+            behind: false,
             continuous: false,
         })
     }
@@ -140,6 +146,12 @@ impl Source {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether published transactions are left to read (the last pump ran out of budget).
+    #[must_use]
+    pub fn behind(&self) -> bool {
+        self.behind
     }
 
     /// Where reading stands (`None` before the first pump or after a discontinuity).
@@ -190,6 +202,7 @@ impl Source {
         self.pin_next()?;
         let result = self.pump_pinned(sink);
         let caught_up = matches!(result, Ok((_, true)));
+        self.behind = matches!(result, Ok((Pumped::Txns(_), false)));
         if caught_up || old.is_none() || !self.continuous {
             self.release(old)?;
             self.continuous = caught_up;
@@ -240,7 +253,7 @@ impl Source {
             return Ok((Pumped::Txns(0), false));
         }
         let file = self.open_wal()?;
-        let result = wal::scan(&file, &self.wal_path, &mut cursor, end, sink);
+        let result = wal::scan_bounded(&file, &self.wal_path, &mut cursor, end, PUMP_FRAMES, sink);
         // The cursor moved past every transaction the sink took, even if a later one failed.
         self.cursor = Some(cursor);
         let txns = result?;

@@ -214,6 +214,19 @@ pub fn scan(
     end: u32,
     sink: &mut dyn FnMut(WalEvent<'_>) -> std::result::Result<(), String>,
 ) -> Result<u32> {
+    scan_bounded(file, path, cursor, end, u32::MAX, sink)
+}
+
+/// [`scan`] that stops at the first commit after `budget` frames (the cursor is then before
+/// `end`), so a long WAL is read in pieces that fit one segment each.
+pub fn scan_bounded(
+    file: &File,
+    path: &Path,
+    cursor: &mut WalCursor,
+    end: u32,
+    budget: u32,
+    sink: &mut dyn FnMut(WalEvent<'_>) -> std::result::Result<(), String>,
+) -> Result<u32> {
     let header = cursor.header;
     let io = |source| WalError::Io {
         path: path.to_path_buf(),
@@ -234,6 +247,7 @@ pub fn scan(
     };
     let mut buf = vec![0u8; usize::try_from(header.frame_len()).expect("frame fits in memory")];
     let (mut frame, mut checksum, mut txns) = (cursor.next_frame, cursor.checksum, 0);
+    let first = frame;
     while frame <= end {
         let offset = HEADER_LEN + u64::from(frame - 1) * header.frame_len();
         file.read_exact_at(&mut buf, offset).map_err(io)?;
@@ -250,6 +264,9 @@ pub fn scan(
             cursor.next_frame = frame + 1;
             cursor.checksum = checksum;
             txns += 1;
+            if frame - first >= budget {
+                return Ok(txns);
+            }
         } else if frame == end {
             return Err(WalError::NotACommit {
                 path: path.to_path_buf(),
