@@ -23,6 +23,9 @@ pub struct ReplicateConfig {
     pub max_cache_size: u64,
     /// Restore a database that is missing (with its `-wal` and `-shm`) before replicating it.
     pub auto_restore: bool,
+    /// How far back point-in-time restores reach; older generations, snapshots and segments are
+    /// deleted (0: keep everything).
+    pub retention_secs: u64,
     /// `PRAGMA integrity_check` on every restore.
     pub integrity_check: bool,
     /// Unix socket of the running replicator (`db flush`, `db status`).
@@ -129,6 +132,7 @@ impl Default for ReplicateConfig {
             cache_dir: PathBuf::from("/var/lib/zlayer/replicator-cache"),
             max_cache_size: 100 * 1024 * 1024,
             auto_restore: true,
+            retention_secs: 24 * 3600,
             integrity_check: true,
             control_socket: PathBuf::from("/run/zlayer-storage/db.sock"),
             databases: Vec::new(),

@@ -67,6 +67,8 @@ pub struct ReplicatorOptions {
     /// Longest time a commit waits before its segment starts uploading.
     pub sync_interval: Duration,
     pub integrity_check: bool,
+    /// How far back point-in-time restores reach; older history is deleted (`None`: kept).
+    pub retention: Option<Duration>,
 }
 
 impl Default for ReplicatorOptions {
@@ -75,6 +77,7 @@ impl Default for ReplicatorOptions {
             name: None,
             sync_interval: Duration::from_secs(1),
             integrity_check: true,
+            retention: Some(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -86,6 +89,8 @@ impl ReplicatorOptions {
             name,
             sync_interval: Duration::from_millis(section.sync_interval_ms),
             integrity_check: section.integrity_check,
+            retention: (section.retention_secs > 0)
+                .then(|| Duration::from_secs(section.retention_secs)),
         }
     }
 }
@@ -307,7 +312,8 @@ impl SqliteReplicator {
             Arc::clone(&self.ship_status),
             self.shipped_tx.clone(),
             requests.clone(),
-        );
+        )
+        .with_retention(self.options.retention);
         let shipper = tokio::spawn(shipper.run(stop_rx));
         *running = Some(Running {
             requests,

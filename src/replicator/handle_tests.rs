@@ -44,7 +44,7 @@ impl Setup {
         ReplicatorOptions {
             name: Some("app".into()),
             sync_interval: Duration::from_millis(200),
-            integrity_check: true,
+            ..ReplicatorOptions::default()
         }
     }
 }
@@ -157,4 +157,60 @@ fn same(a: &[(i64, Vec<u8>)], b: &[(i64, Vec<u8>)]) {
     let ids = |r: &[(i64, Vec<u8>)]| r.iter().map(|(id, _)| *id).collect::<Vec<_>>();
     assert_eq!(ids(a), ids(b));
     assert!(a == b, "same ids, different contents");
+}
+
+/// With a retention window, a new snapshot makes the history before it unneeded: the manifest
+/// drops it first, then its objects go; the latest state still restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_older_than_the_retention_is_pruned_after_a_new_snapshot() {
+    let s = Setup::new();
+    let db = s.dir.path().join("app.db");
+    let app = create(&db);
+    let mut config = s.config(&db, "cache");
+    config.snapshot_interval_secs = 1;
+    let options = ReplicatorOptions {
+        retention: Some(Duration::from_millis(1)),
+        ..Setup::options()
+    };
+    let r = SqliteReplicator::with_options(config, &s.storage, options)
+        .await
+        .unwrap();
+    r.start().await.unwrap();
+    wait_running(&r).await;
+    for _ in 0..5 {
+        app.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .unwrap();
+    }
+    r.flush().await.unwrap();
+    let first = r.manifest().await.unwrap().unwrap();
+    let generation = first.current().unwrap().id.clone();
+    let base_key = crate::replicator::manifest::snapshot_key(&generation, 0);
+    let store_dir = s.storage.local_store_dir.join("backups/sqlite/app");
+    assert!(store_dir.join(&base_key).exists());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        app.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = r.manifest().await.unwrap().unwrap();
+        let snaps = &m.current().unwrap().snapshots;
+        if snaps.len() == 1 && snaps[0].txid == 10 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not pruned: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !store_dir.join(&base_key).exists(),
+        "the old base was not deleted"
+    );
+    r.flush().await.unwrap();
+    r.stop(Duration::from_secs(10)).await.unwrap();
+    let out = s.dir.path().join("latest.db");
+    r.restore_to(&out, &restore::RestoreOptions::default())
+        .await
+        .unwrap();
+    same(&rows(&out), &rows(&db));
 }

@@ -159,7 +159,53 @@ impl Manifest {
         self.generations.iter_mut().find(|g| g.id == id)
     }
 
-    /// Ranges must follow each other within a generation, and start right after its base.
+    /// Drops what no restore of a point at or after `keep_from` (unix ns) needs: generations a
+    /// later generation's base already covers that time for, and in each generation the
+    /// snapshots before the last one taken at or before it, with the ranges before that
+    /// snapshot. Returns what the store may delete once this manifest is written (the objects
+    /// of dropped index chunks are found by reading them).
+    pub fn prune(&mut self, keep_from: i64) -> Pruned {
+        let mut pruned = Pruned::default();
+        // A generation is needed while no later one started at or before `keep_from`.
+        let covered_until = self.generations.iter().rposition(|g| {
+            g.snapshots
+                .first()
+                .is_some_and(|b| b.committed_unix_ns <= keep_from)
+        });
+        if let Some(first_kept) = covered_until {
+            for g in self.generations.drain(..first_kept) {
+                pruned.add_generation(&g);
+            }
+        }
+        for g in &mut self.generations {
+            let Some(start) = g
+                .snapshots
+                .iter()
+                .rposition(|s| s.committed_unix_ns <= keep_from)
+            else {
+                continue;
+            };
+            let base = g.snapshots[start].txid;
+            for old in g.snapshots.drain(..start) {
+                pruned.keys.push(snapshot_key(&g.id, old.txid));
+            }
+            // Whole ranges before the new base go; one that straddles it stays.
+            let chunks = g.chunks.iter().take_while(|c| c.last <= base).count();
+            for c in g.chunks.drain(..chunks) {
+                pruned.chunks.push((g.id.clone(), c));
+            }
+            if g.chunks.is_empty() {
+                let segments = g.segments.iter().take_while(|e| e.last <= base).count();
+                for e in g.segments.drain(..segments) {
+                    pruned.keys.push(segment_key(&g.id, e.first, e.last));
+                }
+            }
+        }
+        pruned
+    }
+
+    /// Ranges must follow each other within a generation; the first covers the transaction
+    /// right after its base (it may start earlier, once older history was pruned).
     fn check(&self) -> Result<(), String> {
         for g in &self.generations {
             if !is_generation_id(&g.id) {
@@ -171,6 +217,17 @@ impl Manifest {
             let mut next = base.txid + 1;
             // Point-in-time restores rely on commit times that never go back.
             let mut time = base.committed_unix_ns;
+            let first = g
+                .chunks
+                .first()
+                .map(|c| (c.first, c.last))
+                .or_else(|| g.segments.first().map(|e| (e.first, e.last)));
+            if let Some((first, last)) = first
+                && first <= next
+                && last >= next
+            {
+                next = first;
+            }
             for c in &g.chunks {
                 if c.first != next || c.last < c.first || c.last_unix_ns < time {
                     return Err(format!(
@@ -193,6 +250,34 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+}
+
+/// What [`Manifest::prune`] dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Objects no longer referenced.
+    pub keys: Vec<String>,
+    /// Dropped index chunks (generation, chunk): their segments and the chunk object go too.
+    pub chunks: Vec<(String, ChunkRef)>,
+}
+
+impl Pruned {
+    fn add_generation(&mut self, g: &Generation) {
+        for s in &g.snapshots {
+            self.keys.push(snapshot_key(&g.id, s.txid));
+        }
+        for c in &g.chunks {
+            self.chunks.push((g.id.clone(), *c));
+        }
+        for e in &g.segments {
+            self.keys.push(segment_key(&g.id, e.first, e.last));
+        }
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.chunks.is_empty()
     }
 }
 
@@ -324,6 +409,84 @@ mod tests {
         assert_eq!(g.last_txid(), 8 + (CHUNK_ENTRIES as u64 * 2 + 2) * 2 + 1);
         let parsed = Manifest::parse(&m.to_bytes(), MANIFEST_KEY).unwrap();
         assert_eq!(parsed, m);
+    }
+
+    fn snapshot(txid: u64, at: i64) -> Snapshot {
+        Snapshot {
+            txid,
+            committed_unix_ns: at,
+            db_pages: 2,
+            size: 10,
+            sha256: "00".repeat(32),
+        }
+    }
+
+    fn entry(first: u64, last: u64) -> SegmentEntry {
+        SegmentEntry {
+            first,
+            last,
+            last_unix_ns: i64::try_from(last).unwrap() * 10,
+            size: 1,
+        }
+    }
+
+    /// Times are txid × 10. Generation A: base 0, snapshot at 50; B (a break): base at 1000.
+    #[test]
+    fn pruning_keeps_exactly_what_restores_within_the_window_need() {
+        let mut m = Manifest::new("app", 4096);
+        let mut a = generation(0);
+        a.snapshots = vec![snapshot(0, 0), snapshot(50, 500)];
+        for first in (1..=90).step_by(10) {
+            a.push_segment(entry(first, first + 9));
+        }
+        let mut b = generation(0);
+        b.snapshots = vec![snapshot(0, 1000), snapshot(20, 1200)];
+        for first in (1..=30).step_by(10) {
+            b.push_segment(SegmentEntry {
+                last_unix_ns: 1000 + i64::try_from(first + 9).unwrap() * 10,
+                ..entry(first, first + 9)
+            });
+        }
+        m.generations = vec![a.clone(), b.clone()];
+        Manifest::parse(&m.to_bytes(), MANIFEST_KEY).unwrap();
+
+        // Everything from time 600 on: A's snapshot at 50 (time 500) is the start; A's base and
+        // the segments before 50 go; B is untouched (its first snapshot came later).
+        let mut p = m.clone();
+        let pruned = p.prune(600);
+        assert_eq!(p.generations[0].snapshots, vec![snapshot(50, 500)]);
+        assert_eq!(p.generations[0].segments.first().unwrap().first, 51);
+        assert!(pruned.keys.contains(&snapshot_key(&a.id, 0)));
+        assert!(pruned.keys.contains(&segment_key(&a.id, 41, 50)));
+        assert!(!pruned.keys.contains(&segment_key(&a.id, 51, 60)));
+        assert_eq!(p.generations[1], b);
+        Manifest::parse(&p.to_bytes(), MANIFEST_KEY).unwrap();
+
+        // From time 1100: B's base (1000) covers it, so A goes entirely.
+        let mut p = m.clone();
+        let pruned = p.prune(1100);
+        assert_eq!(p.generations.len(), 1);
+        assert_eq!(p.generations[0].id, b.id);
+        assert!(pruned.keys.contains(&snapshot_key(&a.id, 50)));
+        assert!(pruned.keys.contains(&segment_key(&a.id, 81, 90)));
+
+        // A snapshot inside a segment: the straddling segment stays, and the manifest is valid.
+        let mut c = generation(0);
+        c.snapshots = vec![snapshot(0, 0), snapshot(15, 150)];
+        c.push_segment(entry(1, 10));
+        c.push_segment(entry(11, 20));
+        c.push_segment(entry(21, 30));
+        let mut m = Manifest::new("app", 4096);
+        m.generations = vec![c.clone()];
+        let pruned = m.prune(160);
+        assert_eq!(m.generations[0].segments.first().unwrap().first, 11);
+        assert_eq!(pruned.keys.len(), 2, "{pruned:?}");
+        Manifest::parse(&m.to_bytes(), MANIFEST_KEY).unwrap();
+
+        // Nothing older than the window: nothing pruned.
+        let mut m = Manifest::new("app", 4096);
+        m.generations = vec![c];
+        assert!(m.prune(-1).is_empty());
     }
 
     #[test]

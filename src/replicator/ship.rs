@@ -26,6 +26,8 @@ use crate::types::{CompletedPart, PendingUpload};
 const SMALL_OBJECT: u64 = 8 << 20;
 /// Items shipped per manifest update at most.
 const BATCH: usize = 64;
+/// History is pruned at most this often.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Backoff after a failed batch, doubling up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -88,6 +90,12 @@ pub struct Shipper {
     manifest: Option<(Manifest, Option<String>)>,
     /// Generations whose history diverged from the store's.
     diverged: BTreeSet<String>,
+    /// How far back point-in-time restores must reach (`None`: keep everything).
+    retention: Option<Duration>,
+    /// When history was last pruned.
+    pruned_at: Option<tokio::time::Instant>,
+    /// A snapshot was shipped since (older history may have become prunable).
+    shipped_snapshot: bool,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -119,7 +127,18 @@ impl Shipper {
             engine,
             manifest: None,
             diverged: BTreeSet::new(),
+            retention: None,
+            pruned_at: None,
+            shipped_snapshot: false,
         }
+    }
+
+    /// Deletes history older than `retention` (checked after shipping a snapshot, and at most
+    /// every [`PRUNE_EVERY`] otherwise).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// Ships until `stop` is set and the outbox is empty (or `stop` and the store is failing).
@@ -139,7 +158,12 @@ impl Shipper {
                         _ = stop.changed() => {}
                     }
                 }
-                Ok(_) => backoff = FIRST_BACKOFF,
+                Ok(_) => {
+                    backoff = FIRST_BACKOFF;
+                    if let Err(e) = self.prune().await {
+                        self.record_error(&e);
+                    }
+                }
                 Err(e) => {
                     self.record_error(&e);
                     if stopping {
@@ -213,6 +237,9 @@ impl Shipper {
         .await
         .map_err(|e| ShipError::Task(e.to_string()))??;
         let last = done.iter().map(|i| i.number).max();
+        self.shipped_snapshot |= done
+            .iter()
+            .any(|i| matches!(i.kind, ItemKind::Snapshot { .. }));
         let (m, _) = self.manifest.as_ref().expect("manifest loaded");
         let mut st = self.status.lock().expect("ship status");
         st.pending_bytes = usage;
@@ -230,6 +257,67 @@ impl Shipper {
             self.status.lock().expect("ship status").shipped_item = *self.shipped.borrow();
         }
         Ok(done.len())
+    }
+
+    /// Drops history no restore within the retention window needs: the manifest first (so a
+    /// crash leaves unreferenced objects, never references to deleted ones), then the objects.
+    pub async fn prune(&mut self) -> Result<usize> {
+        let Some(retention) = self.retention else {
+            return Ok(0);
+        };
+        if !self.shipped_snapshot && self.pruned_at.is_some_and(|t| t.elapsed() < PRUNE_EVERY) {
+            return Ok(0);
+        }
+        self.shipped_snapshot = false;
+        let Some((manifest, etag)) = self.manifest.clone() else {
+            return Ok(0);
+        };
+        self.pruned_at = Some(tokio::time::Instant::now());
+        let keep_from = super::now_unix_ns()
+            .saturating_sub(i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX));
+        let mut m = manifest;
+        let pruned = m.prune(keep_from);
+        if pruned.is_empty() {
+            return Ok(0);
+        }
+        let mut keys = pruned.keys;
+        for (generation, chunk) in &pruned.chunks {
+            let key = manifest::chunk_key(generation, chunk.first);
+            if let Some(bytes) = self.store.get_bytes(&key).await? {
+                let index: manifest::IndexChunk =
+                    serde_json::from_slice(&bytes).map_err(|e| ManifestError::Invalid {
+                        key: key.clone(),
+                        reason: e.to_string(),
+                    })?;
+                keys.extend(
+                    index
+                        .segments
+                        .iter()
+                        .map(|e| manifest::segment_key(generation, e.first, e.last)),
+                );
+            }
+            keys.push(key);
+        }
+        let cond = etag.map_or(PutCondition::IfNoneMatch, PutCondition::IfMatch);
+        match self
+            .store
+            .put_bytes(MANIFEST_KEY, m.to_bytes(), cond)
+            .await?
+        {
+            PutOutcome::Written { etag } => self.manifest = Some((m, etag)),
+            PutOutcome::PreconditionFailed => {
+                // Someone else wrote it: prune again next time, from a fresh read.
+                self.manifest = None;
+                return Ok(0);
+            }
+        }
+        for key in &keys {
+            if let Err(e) = self.store.delete(key).await {
+                tracing::warn!(db = %self.name, key, error = %e, "cannot delete pruned object; it stays unreferenced");
+            }
+        }
+        tracing::info!(db = %self.name, objects = keys.len(), "pruned history older than the retention");
+        Ok(keys.len())
     }
 
     /// Uploads `batch`'s objects and writes the manifest once. `None`: the manifest changed
