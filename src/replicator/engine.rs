@@ -23,6 +23,8 @@ const POLL: Duration = Duration::from_millis(25);
 const ACTIVE: Duration = Duration::from_millis(250);
 /// An idle database is still pumped this often (a cheap local read, no store request).
 const IDLE_PUMP: Duration = Duration::from_secs(10);
+/// How often the outbox's size is looked at while nothing is added.
+const USAGE_EVERY: Duration = Duration::from_secs(1);
 /// A segment is cut at this size whatever its age.
 const MAX_SEGMENT: u64 = 16 << 20;
 /// WAL frames above which a checkpoint runs.
@@ -195,6 +197,9 @@ struct Engine {
     checkpointed: Option<((u32, u32), u32)>,
     /// A new generation that could not be started yet (nothing is read until it is).
     pending_generation: Option<String>,
+    /// Outbox bytes, as last looked at (when, and the item count then).
+    usage: u64,
+    usage_checked: Option<(Instant, u64)>,
 }
 
 impl Engine {
@@ -244,6 +249,8 @@ impl Engine {
             last_pump: Instant::now(),
             checkpointed: None,
             pending_generation: None,
+            usage: 0,
+            usage_checked: None,
         };
         match saved.map(|s| s.cursor) {
             None => engine.new_generation(reason)?,
@@ -312,14 +319,7 @@ impl Engine {
                 limit: self.out.cfg.max_cache_size,
             });
         }
-        loop {
-            self.pump()?;
-            if !self.source.behind() || self.pending_generation.is_some() {
-                break;
-            }
-            self.out.seal_if_full(&self.source)?;
-        }
-        self.out.seal(&self.source)
+        self.catch_up()
     }
 
     /// One poll: read when the WAL changed, cut an old enough segment, checkpoint, snapshot.
@@ -357,7 +357,16 @@ impl Engine {
     /// Whether the outbox is over its limit (then nothing is read: the WAL keeps the frames,
     /// and the pin keeps anyone from checkpointing them away).
     fn cache_full(&mut self) -> Result<bool> {
-        let full = self.out.cache.usage()? >= self.out.cfg.max_cache_size;
+        // A directory listing per poll is most of an idle replicator's CPU: look once a
+        // second, and at once after something was added.
+        let stale = self.usage_checked.is_none_or(|(at, items)| {
+            at.elapsed() >= USAGE_EVERY || items != self.out.state.next_item
+        });
+        if stale {
+            self.usage = self.out.cache.usage()?;
+            self.usage_checked = Some((Instant::now(), self.out.state.next_item));
+        }
+        let full = self.usage >= self.out.cfg.max_cache_size;
         let mut st = self.out.shared.status.lock().expect("status lock");
         if full && !st.cache_full {
             tracing::warn!(
@@ -391,6 +400,18 @@ impl Engine {
         }
     }
 
+    /// Reads everything published so far (several bounded pumps) and cuts it, without a barrier.
+    fn catch_up(&mut self) -> Result<()> {
+        loop {
+            self.pump()?;
+            if !self.source.behind() || self.pending_generation.is_some() {
+                break;
+            }
+            self.out.seal_if_full(&self.source)?;
+        }
+        self.out.seal(&self.source)
+    }
+
     /// Two phases: a PASSIVE checkpoint while writers go on (copies up to the pin), then, if
     /// the WAL is still long, a short barrier to read its end, make it durable, backfill the
     /// rest and re-pin so the app's next write restarts the WAL.
@@ -406,6 +427,8 @@ impl Engine {
         let done = self.source.checkpoint()?;
         self.checkpointed = here;
         if done.busy || done.backfilled < done.log {
+            // Read the bulk while writers go on; the barrier then only waits for the tail.
+            self.catch_up()?;
             let out = &mut self.out;
             let result = self.source.with_barrier(|src| {
                 if let Some(reason) = out.read_all(src)? {
@@ -433,6 +456,7 @@ impl Engine {
         if !due || !changed {
             return Ok(());
         }
+        self.catch_up()?;
         let out = &mut self.out;
         match self.source.with_barrier(|src| out.read_all(src))? {
             None => return Ok(()),
@@ -496,10 +520,18 @@ impl Output {
     /// Reads everything published and cuts it into the outbox (under a barrier: up to the WAL's
     /// end, with the pin there). A break in continuity is returned, not acted on.
     fn read_all(&mut self, src: &mut Source) -> Result<Option<&'static str>> {
-        let pumped = src.pump(&mut self.sink());
-        self.after_pump(&pumped)?;
-        if let Pumped::Discontinuity { reason } = pumped? {
-            return Ok(Some(reason));
+        // Pumps are bounded: go on until the published end (under a barrier it stays put), so
+        // that the pin, and a snapshot taken through it, is exactly at the cursor.
+        loop {
+            let pumped = src.pump(&mut self.sink());
+            self.after_pump(&pumped)?;
+            if let Pumped::Discontinuity { reason } = pumped? {
+                return Ok(Some(reason));
+            }
+            if !src.behind() {
+                break;
+            }
+            self.seal_if_full(src)?;
         }
         self.seal(src)?;
         Ok(None)

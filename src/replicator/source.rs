@@ -18,6 +18,8 @@ use super::wal::{self, WalCursor, WalError, WalEvent, WalHeader};
 /// restarting the WAL (sqlite.org/wal.html#walresetbug), which a replicator makes routine.
 pub const MIN_SQLITE: (u32, u32, u32) = (3, 51, 3);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a barrier waits for the write lock before giving up for now.
+const BARRIER_WAIT: Duration = Duration::from_millis(100);
 /// A published bound read while the WAL restarted is retried this often.
 const BOUND_ATTEMPTS: u32 = 5;
 /// Frames one pump reads at most (then it stops at the next commit), so a long WAL becomes
@@ -46,6 +48,8 @@ pub enum SourceError {
     TooOld { found: String },
     #[error("database {path}: the WAL kept changing while its published end was read")]
     Unstable { path: PathBuf },
+    #[error("database {path}: a snapshot needs everything published read first")]
+    PinBehind { path: PathBuf },
     #[error(transparent)]
     Wal(#[from] WalError),
 }
@@ -129,12 +133,17 @@ impl Source {
         }
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
+        let barrier = open()?;
+        // Waiting long for the write lock only lets the backlog grow: give up and retry.
+        barrier
+            .busy_timeout(BARRIER_WAIT)
+            .map_err(sqlite(path, "set busy timeout"))?;
         Ok(Self {
             path: path.to_path_buf(),
             wal_path: PathBuf::from(wal_path),
             pins: [open()?, open()?],
             pinned: None,
-            barrier: open()?,
+            barrier,
             noop,
             cursor: None,
             behind: false,
@@ -175,6 +184,7 @@ impl Source {
         self.release(old)?;
         let (header, end) = self.published()?;
         self.continuous = true;
+        self.behind = false;
         let Some(header) = header else {
             self.cursor = None;
             return Ok(0);
@@ -329,6 +339,13 @@ impl Source {
     /// writers do meanwhile). Pump first under [`Source::with_barrier`] so that this state is
     /// the cursor's.
     pub fn snapshot_to(&self, dest: &Path) -> Result<()> {
+        // Only a pump that reached the published end moved the pin to the cursor; an older pin
+        // would copy an older state under the cursor's transaction id.
+        if self.behind || !self.continuous {
+            return Err(SourceError::PinBehind {
+                path: self.path.clone(),
+            });
+        }
         let pin = &self.pins[self.pinned.expect("a pin is held after the first pump")];
         let mut out = Connection::open(dest).map_err(sqlite(dest, "create the snapshot file"))?;
         let backup = rusqlite::backup::Backup::new(pin, &mut out)

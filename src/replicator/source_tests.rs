@@ -260,3 +260,40 @@ fn a_database_not_in_wal_mode_is_refused_naming_it() {
     assert!(err.to_string().contains("rollback.db"), "{err}");
     let _ = File::open(&path).unwrap();
 }
+
+/// Pumps are bounded; a snapshot through a pin left behind by one would copy an older state
+/// than the cursor's, so it is refused until a pump reached the published end.
+#[test]
+fn a_snapshot_is_refused_until_everything_published_was_read() {
+    let db = Db::new(4096);
+    db.commit(1, 100);
+    let mut source = Source::open(&db.path).unwrap();
+    let copy = db.dir.path().join("replica.db");
+    let mut replica = Replica::start(&mut source, &copy, 4096);
+    db.conn.execute_batch("BEGIN").unwrap();
+    for _ in 0..3000 {
+        db.conn
+            .execute("INSERT INTO t(v) VALUES (randomblob(3000))", [])
+            .unwrap();
+    }
+    db.conn.execute_batch("COMMIT").unwrap();
+    for _ in 0..5 {
+        db.commit(1, 100);
+    }
+    assert!(matches!(replica.pump(&mut source), Pumped::Txns(_)));
+    assert!(
+        source.behind(),
+        "one pump reads at most {PUMP_FRAMES} frames"
+    );
+    let stale = db.dir.path().join("stale.db");
+    let err = source.snapshot_to(&stale).unwrap_err();
+    assert!(matches!(err, SourceError::PinBehind { .. }), "{err}");
+    while source.behind() {
+        replica.pump(&mut source);
+    }
+    let snap = db.dir.path().join("snap.db");
+    source.snapshot_to(&snap).unwrap();
+    drop(replica);
+    assert_eq!(Db::rows(&snap), Db::rows(&db.path));
+    assert_eq!(Db::rows(&copy), Db::rows(&db.path));
+}
