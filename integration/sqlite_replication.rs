@@ -72,6 +72,16 @@ impl Node {
         }
     }
 
+    /// The app's connection to a new database in WAL mode with the numbered table.
+    fn app(&self) -> Connection {
+        let app = Connection::open(&self.db).unwrap();
+        app.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE t(seq INTEGER PRIMARY KEY, payload BLOB);",
+        )
+        .unwrap();
+        app
+    }
+
     fn cli(&self) -> Command {
         let mut c = Command::new(BIN);
         c.arg("--config")
@@ -342,14 +352,8 @@ fn point_in_time_restores_return_exactly_the_state_at_each_time() {
     };
     let node = Node::new(g.config("sqlite-pitr"));
     let rt = runtime();
-    let app = Connection::open(&node.db).unwrap();
-    app.execute_batch(
-        "PRAGMA journal_mode=WAL; CREATE TABLE t(seq INTEGER PRIMARY KEY, payload BLOB);",
-    )
-    .unwrap();
-    let r = rt.block_on(replicator(&node, true));
-    rt.block_on(r.start()).unwrap();
-    wait_running(&r);
+    let app = node.app();
+    let r = started(&rt, &node, |_| {});
     let mut marks = Vec::new();
     let before_first = chrono::Utc::now();
     for seq in 1..=12i64 {
@@ -407,23 +411,8 @@ fn a_store_outage_loses_nothing_keeps_the_cache_bounded_and_catches_up() {
     let mut storage = g.config_via("sqlite-outage", &proxy.endpoint());
     storage.max_retries = 1;
     let node = Node::new(storage);
-    let app = Connection::open(&node.db).unwrap();
-    app.execute_batch(
-        "PRAGMA journal_mode=WAL; CREATE TABLE t(seq INTEGER PRIMARY KEY, payload BLOB);",
-    )
-    .unwrap();
-    let mut config = SqliteReplicatorConfig::from_section(&node.db, &node.replicate, &node.storage);
-    config.max_cache_size = 1 << 20;
-    let options = ReplicatorOptions::from_section(&node.replicate, Some("app".into()));
-    let r = rt
-        .block_on(SqliteReplicator::with_options(
-            config,
-            &node.storage,
-            options,
-        ))
-        .unwrap();
-    rt.block_on(r.start()).unwrap();
-    wait_running(&r);
+    let app = node.app();
+    let r = started(&rt, &node, |c| c.max_cache_size = 1 << 20);
     rt.block_on(r.flush()).unwrap();
     proxy.down();
     // ~3 MiB of commits (incompressible) against a 1 MiB cache.
@@ -479,14 +468,8 @@ fn corrupt_and_missing_segments_fail_the_restore_naming_the_object() {
     };
     let node = Node::new(g.config("sqlite-damage"));
     let rt = runtime();
-    let app = Connection::open(&node.db).unwrap();
-    app.execute_batch(
-        "PRAGMA journal_mode=WAL; CREATE TABLE t(seq INTEGER PRIMARY KEY, payload BLOB);",
-    )
-    .unwrap();
-    let r = rt.block_on(replicator(&node, true));
-    rt.block_on(r.start()).unwrap();
-    wait_running(&r);
+    let app = node.app();
+    let r = started(&rt, &node, |_| {});
     for seq in 1..=3i64 {
         app.execute("INSERT INTO t VALUES (?1, randomblob(5000))", [seq])
             .unwrap();
@@ -658,13 +641,25 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn replicator(node: &Node, auto_restore: bool) -> SqliteReplicator {
+/// The node's replicator (`tweak` adjusts its settings), started and reading.
+fn started(
+    rt: &tokio::runtime::Runtime,
+    node: &Node,
+    tweak: impl FnOnce(&mut SqliteReplicatorConfig),
+) -> SqliteReplicator {
     let mut config = SqliteReplicatorConfig::from_section(&node.db, &node.replicate, &node.storage);
-    config.auto_restore = auto_restore;
+    tweak(&mut config);
     let options = ReplicatorOptions::from_section(&node.replicate, Some("app".into()));
-    SqliteReplicator::with_options(config, &node.storage, options)
-        .await
-        .unwrap()
+    let r = rt
+        .block_on(SqliteReplicator::with_options(
+            config,
+            &node.storage,
+            options,
+        ))
+        .unwrap();
+    rt.block_on(r.start()).unwrap();
+    wait_running(&r);
+    r
 }
 
 fn wait_running(r: &SqliteReplicator) {
