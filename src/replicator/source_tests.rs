@@ -1,8 +1,6 @@
 //! Reading a live database while another connection writes and checkpoints it.
 
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::{self, File};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,14 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rusqlite::Connection;
 
 use super::*;
-use crate::replicator::wal::tests::Db;
+use crate::replicator::wal::tests::{Apply, Db};
 
 /// A copy of the database built from a snapshot plus the transactions pumped after it.
 struct Replica {
-    file: File,
-    page_size: u64,
-    pending: BTreeMap<u32, Vec<u8>>,
-    txns: u32,
+    apply: Apply,
 }
 
 impl Replica {
@@ -29,37 +24,17 @@ impl Replica {
             .expect("barrier taken");
         source.snapshot_to(path).unwrap();
         Self {
-            file: OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .unwrap(),
-            page_size: u64::from(page_size),
-            pending: BTreeMap::new(),
-            txns: 0,
+            apply: Apply::new(path, page_size),
         }
     }
 
     fn sink(&mut self) -> impl FnMut(WalEvent<'_>) -> std::result::Result<(), String> + '_ {
-        |event| {
-            match event {
-                WalEvent::Page { pgno, data } => {
-                    self.pending.insert(pgno, data.to_vec());
-                }
-                WalEvent::Commit { db_pages, .. } => {
-                    for (pgno, data) in std::mem::take(&mut self.pending) {
-                        self.file
-                            .write_all_at(&data, u64::from(pgno - 1) * self.page_size)
-                            .unwrap();
-                    }
-                    self.file
-                        .set_len(u64::from(db_pages) * self.page_size)
-                        .unwrap();
-                    self.txns += 1;
-                }
-            }
-            Ok(())
-        }
+        |event| self.apply.event(event)
+    }
+
+    /// Transactions applied so far.
+    fn txns(&self) -> u32 {
+        u32::try_from(self.apply.commits.len()).unwrap()
     }
 
     /// What the engine does under a barrier: read to the end, checkpoint, take a fresh pin.
@@ -68,13 +43,13 @@ impl Replica {
         let done = source.checkpoint()?;
         assert!(!done.busy, "{done:?}");
         source.pump(&mut self.sink())?;
-        self.pending.clear();
+        self.apply.pending.clear();
         Ok(done)
     }
 
     fn pump(&mut self, source: &mut Source) -> Pumped {
         let pumped = source.pump(&mut self.sink()).unwrap();
-        self.pending.clear();
+        self.apply.pending.clear();
         pumped
     }
 }
@@ -122,7 +97,8 @@ fn a_replica_from_a_snapshot_and_pumped_transactions_equals_the_source_under_a_w
     let p = replica.pump(&mut source);
     assert!(matches!(p, Pumped::Txns(_)), "last: {p:?}");
     assert_eq!(
-        replica.txns, written,
+        replica.txns(),
+        written,
         "every committed transaction read once"
     );
     drop(replica);
@@ -175,7 +151,7 @@ fn app_checkpoints_in_every_mode_never_break_the_history() {
     }
     let p = replica.pump(&mut source);
     assert!(matches!(p, Pumped::Txns(_)), "{p:?}");
-    assert_eq!(replica.txns, committed);
+    assert_eq!(replica.txns(), committed);
     drop(replica);
     assert_eq!(Db::rows(&copy), Db::rows(&db.path));
 }

@@ -79,15 +79,16 @@ impl Db {
 }
 
 /// Applies scanned transactions to a database file the way a restore does.
-struct Apply {
+pub(crate) struct Apply {
     file: File,
     page_size: u64,
-    pending: BTreeMap<u32, Vec<u8>>,
-    commits: Vec<u32>,
+    pub(crate) pending: BTreeMap<u32, Vec<u8>>,
+    /// Commit frame of each transaction applied.
+    pub(crate) commits: Vec<u32>,
 }
 
 impl Apply {
-    fn new(path: &Path, page_size: u32) -> Self {
+    pub(crate) fn new(path: &Path, page_size: u32) -> Self {
         Self {
             file: OpenOptions::new().write(true).open(path).unwrap(),
             page_size: u64::from(page_size),
@@ -96,7 +97,7 @@ impl Apply {
         }
     }
 
-    fn event(&mut self, e: WalEvent<'_>) -> std::result::Result<(), String> {
+    pub(crate) fn event(&mut self, e: WalEvent<'_>) -> std::result::Result<(), String> {
         match e {
             WalEvent::Page { pgno, data } => {
                 self.pending.insert(pgno, data.to_vec());
