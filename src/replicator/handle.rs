@@ -212,7 +212,9 @@ impl SqliteReplicator {
         if !config.s3_bucket.is_empty() {
             storage.bucket.clone_from(&config.s3_bucket);
         }
-        storage.prefix = format!("{}sqlite/{name}/", normalized(&config.s3_prefix));
+        // The store's own rules for a prefix (the full one is checked again when it opens).
+        let prefix = crate::store::normalize_prefix(&config.s3_prefix)?;
+        storage.prefix = format!("{prefix}sqlite/{name}/");
         let store = crate::store::open_store(&storage).await?;
         let cache = {
             let (dir, name) = (config.cache_dir.clone(), name.clone());
@@ -547,15 +549,6 @@ impl SqliteReplicator {
         let (m, _) = ship::load_manifest(self.store.as_ref(), &self.name).await?;
         Ok(m.current()
             .map_or(0, super::manifest::Generation::last_txid))
-    }
-}
-
-fn normalized(prefix: &str) -> String {
-    let p = prefix.trim_matches('/');
-    if p.is_empty() {
-        String::new()
-    } else {
-        format!("{p}/")
     }
 }
 
