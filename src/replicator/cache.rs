@@ -125,6 +125,9 @@ pub enum ItemKind {
         committed_unix_ns: i64,
         db_pages: u32,
         new_generation: Option<NewGeneration>,
+        /// Set for a delta base (the data holds the changed pages, in the segment format).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<super::manifest::Parent>,
     },
     /// Transactions `first..=last`.
     Segment {

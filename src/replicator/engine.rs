@@ -10,11 +10,15 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::cache::{Cache, CacheError, FileId, Item, ItemKind, LocalState, NewGeneration};
+mod output;
+
+use output::Output;
+
+use super::cache::{Cache, CacheError, FileId, LocalState, NewGeneration};
 use super::manifest;
-use super::segment::{SegmentHeader, SegmentWriter};
+use super::pagemap::PageMap;
 use super::source::{Pumped, Source, SourceError};
-use super::wal::{WalCursor, WalEvent};
+use super::wal::WalCursor;
 
 /// How often the WAL's size and time are looked at.
 const POLL: Duration = Duration::from_millis(25);
@@ -123,29 +127,6 @@ pub struct Shared {
     pub outbox: tokio::sync::Notify,
 }
 
-/// The segment being written.
-#[derive(Debug)]
-struct Open {
-    writer: SegmentWriter,
-    path: PathBuf,
-    first: u64,
-    first_unix_ns: i64,
-    last_unix_ns: i64,
-    opened: Instant,
-    /// A transaction has pages in the writer but no commit yet.
-    in_txn: bool,
-}
-
-/// Everything but the source, so a barrier's closure can use it while the source is borrowed.
-#[derive(Debug)]
-struct Output {
-    cfg: EngineConfig,
-    cache: Cache,
-    shared: Arc<Shared>,
-    state: LocalState,
-    open: Option<Open>,
-}
-
 /// Runs the reading of one database until [`Request::Stop`] (or the sender is dropped). A
 /// database that cannot be read yet (missing: the app creates it; not in WAL mode yet) is
 /// retried every [`START_RETRY`], with the reason in the status.
@@ -234,6 +215,9 @@ impl Engine {
         };
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
+        let map = saved
+            .as_ref()
+            .and_then(|s| PageMap::load(cache.dir(), &s.generation, s.next_txid - 1, s.page_size));
         let mut engine = Self {
             source,
             out: Output {
@@ -242,6 +226,8 @@ impl Engine {
                 shared,
                 state,
                 open: None,
+                map,
+                broken: None,
             },
             wal_path: PathBuf::from(wal_path),
             last_stat: None,
@@ -291,6 +277,8 @@ impl Engine {
                     let _ = reply.send(answer);
                 }
                 Ok(Request::NewGeneration(reason)) => {
+                    // The store lacks our history: a delta on it could not be restored.
+                    self.out.map = None;
                     let r = self.new_generation(&reason);
                     self.out.note(r.err().map(|e| e.to_string()));
                 }
@@ -342,9 +330,7 @@ impl Engine {
             self.pump()?;
             self.out.seal_if_full(&self.source)?;
         }
-        if let Some(open) = &self.out.open
-            && (open.opened.elapsed() >= self.out.cfg.batch || open.writer.len() >= MAX_SEGMENT)
-        {
+        if self.out.segment_due() {
             self.out.seal(&self.source)?;
         }
         if self.out.open.is_none() && !self.cache_full()? {
@@ -387,6 +373,9 @@ impl Engine {
         }
         let pumped = self.source.pump(&mut self.out.sink());
         self.out.after_pump(&pumped)?;
+        if let Some(reason) = self.out.broken.take() {
+            return self.new_generation(reason);
+        }
         match pumped {
             Ok(Pumped::Txns(_)) => Ok(()),
             Ok(Pumped::Discontinuity { reason }) => self.new_generation(reason),
@@ -491,6 +480,11 @@ impl Engine {
             }
         }
         let previous = self.out.state.clone();
+        if self.out.map.as_ref().is_some_and(|m| {
+            m.generation() != previous.generation || m.txid() + 1 != previous.next_txid
+        }) {
+            self.out.map = None;
+        }
         let st = &mut self.out.state;
         st.generation = manifest::new_generation_id();
         st.page_size = self.source.page_size()?;
@@ -513,218 +507,6 @@ impl Engine {
         self.pending_generation = None;
         self.checkpointed = None;
         Ok(())
-    }
-}
-
-impl Output {
-    /// Reads everything published and cuts it into the outbox (under a barrier: up to the WAL's
-    /// end, with the pin there). A break in continuity is returned, not acted on.
-    fn read_all(&mut self, src: &mut Source) -> Result<Option<&'static str>> {
-        // Pumps are bounded: go on until the published end (under a barrier it stays put), so
-        // that the pin, and a snapshot taken through it, is exactly at the cursor.
-        loop {
-            let pumped = src.pump(&mut self.sink());
-            self.after_pump(&pumped)?;
-            if let Pumped::Discontinuity { reason } = pumped? {
-                return Ok(Some(reason));
-            }
-            if !src.behind() {
-                break;
-            }
-            self.seal_if_full(src)?;
-        }
-        self.seal(src)?;
-        Ok(None)
-    }
-
-    /// Where WAL events go: pages and commits into the open segment.
-    fn sink(&mut self) -> impl FnMut(WalEvent<'_>) -> std::result::Result<(), String> + '_ {
-        move |event| self.take(event).map_err(|e| e.to_string())
-    }
-
-    fn take(&mut self, event: WalEvent<'_>) -> std::io::Result<()> {
-        if self.open.is_none() {
-            let first = self.state.next_txid;
-            let name = format!("segment-{first:016x}");
-            let (file, path) = self.cache.scratch(&name).map_err(std::io::Error::other)?;
-            let header = SegmentHeader {
-                page_size: self.state.page_size,
-                lineage: manifest::lineage(&self.state.generation),
-                first_txid: first,
-            };
-            self.open = Some(Open {
-                writer: SegmentWriter::new(file, header)?,
-                path,
-                first,
-                first_unix_ns: 0,
-                last_unix_ns: 0,
-                opened: Instant::now(),
-                in_txn: false,
-            });
-        }
-        let open = self.open.as_mut().expect("opened above");
-        match event {
-            WalEvent::Page { pgno, data } => {
-                open.in_txn = true;
-                open.writer.page(pgno, data)
-            }
-            WalEvent::Commit { db_pages, .. } => {
-                let now = now_ns()
-                    .max(self.state.last_commit_unix_ns)
-                    .max(open.last_unix_ns);
-                let info = open.writer.commit(now, db_pages)?;
-                if info.txid == open.first {
-                    open.first_unix_ns = now;
-                }
-                open.last_unix_ns = now;
-                open.in_txn = false;
-                Ok(())
-            }
-        }
-    }
-
-    /// After a pump: a transaction left half written by a failed read is cut off.
-    fn after_pump(&mut self, pumped: &std::result::Result<Pumped, SourceError>) -> Result<()> {
-        if pumped.is_err() || matches!(pumped, Ok(Pumped::Discontinuity { .. })) {
-            self.discard_partial();
-        }
-        Ok(())
-    }
-
-    fn discard_partial(&mut self) {
-        if let Some(open) = &mut self.open
-            && open.in_txn
-        {
-            if let Err(e) = open.writer.discard() {
-                tracing::warn!(error = %e, "cannot cut a half-read transaction; dropping the segment");
-                self.open = None;
-                return;
-            }
-            open.in_txn = false;
-            if open.writer.txns() == 0 {
-                let path = open.path.clone();
-                self.open = None;
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
-
-    /// Cuts the open segment once it reached [`MAX_SEGMENT`].
-    fn seal_if_full(&mut self, source: &Source) -> Result<()> {
-        if self
-            .open
-            .as_ref()
-            .is_some_and(|o| o.writer.len() >= MAX_SEGMENT)
-        {
-            self.seal(source)?;
-        }
-        Ok(())
-    }
-
-    /// Cuts the open segment into the outbox and moves the saved state past it.
-    fn seal(&mut self, source: &Source) -> Result<()> {
-        let Some(open) = self.open.take() else {
-            // No transaction, but the WAL may have restarted: keep the saved position current
-            // so that a restart resumes in the new lifetime instead of seeing a break.
-            let cursor = source.cursor().map(Into::into);
-            if cursor.is_some() && cursor != self.state.cursor {
-                self.state.cursor = cursor;
-                self.save()?;
-            }
-            return Ok(());
-        };
-        debug_assert!(!open.in_txn, "sealed with a transaction half read");
-        let last = open.writer.next_txid() - 1;
-        let (first, first_unix_ns, last_unix_ns) =
-            (open.first, open.first_unix_ns, open.last_unix_ns);
-        open.writer
-            .finish()
-            .map_err(io("finish segment", &open.path))?;
-        let kind = ItemKind::Segment {
-            first,
-            last,
-            first_unix_ns,
-            last_unix_ns,
-        };
-        self.add(kind, &open.path)?;
-        self.state.next_txid = last + 1;
-        self.state.last_commit_unix_ns = last_unix_ns;
-        self.state.cursor = source.cursor().map(Into::into);
-        self.save()?;
-        Ok(())
-    }
-
-    /// Copies the database as of the pin into the outbox as a snapshot after `txid`.
-    fn snapshot(
-        &mut self,
-        source: &Source,
-        txid: u64,
-        committed_unix_ns: i64,
-        new_generation: Option<NewGeneration>,
-    ) -> Result<()> {
-        let (file, path) = self.cache.scratch("snapshot.db")?;
-        drop(file);
-        std::fs::remove_file(&path).map_err(io("prepare", &path))?;
-        source.snapshot_to(&path)?;
-        let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
-        let db_pages = u32::try_from(len / u64::from(self.state.page_size)).unwrap_or(u32::MAX);
-        let kind = ItemKind::Snapshot {
-            txid,
-            committed_unix_ns,
-            db_pages,
-            new_generation,
-        };
-        self.add(kind, &path)?;
-        self.state.last_snapshot_unix_ms = now_ms();
-        self.state.cursor = source.cursor().map(Into::into);
-        self.save()?;
-        Ok(())
-    }
-
-    fn add(&mut self, kind: ItemKind, path: &Path) -> Result<Item> {
-        let number = self.state.next_item;
-        let generation = self.state.generation.clone();
-        let level = self.cfg.compression_level;
-        let item = self
-            .cache
-            .add_item(number, &generation, kind, path, level)?;
-        self.state.next_item = number + 1;
-        Ok(item)
-    }
-
-    /// Saves the state; only then may the items it counts be shipped (an item cut after the
-    /// last save is dropped at the next start, so it must never reach the store first).
-    fn save(&mut self) -> Result<()> {
-        self.cache.save_state(&self.state)?;
-        let mut st = self.shared.status.lock().expect("status lock");
-        st.shippable_below = self.state.next_item;
-        st.last_item = self.state.next_item.checked_sub(1);
-        drop(st);
-        self.shared.outbox.notify_one();
-        Ok(())
-    }
-
-    /// Copies where reading stands into the shared status.
-    fn publish(&self) {
-        let mut st = self.shared.status.lock().expect("status lock");
-        st.generation.clone_from(&self.state.generation);
-        st.next_txid = self.state.next_txid;
-        st.last_commit_unix_ns = self.state.last_commit_unix_ns;
-        st.oldest_unsealed_unix_ns = self
-            .open
-            .as_ref()
-            .filter(|o| o.writer.txns() > 0)
-            .map(|o| o.first_unix_ns);
-        st.wal_frames = self.state.cursor.map_or(0, |c| c.next_frame - 1);
-    }
-
-    /// Records the outcome of a step for status (errors are logged once per change).
-    fn note(&self, error: Option<String>) {
-        let mut st = self.shared.status.lock().expect("status lock");
-        if error.is_some() && st.last_error != error {
-            tracing::warn!(db = %self.cfg.db_path.display(), error = error.as_deref().unwrap_or(""), "replication step failed; retrying");
-        }
-        st.last_error = error;
     }
 }
 

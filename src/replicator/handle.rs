@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::cache::{Cache, CacheError, FileId, LocalState};
 use super::engine::{self, EngineConfig, EngineError, Request, Shared};
+use super::pagemap::{self, PageMap, Root};
 use super::restore::{self, RestoreError, RestoreOptions, Restored, Target};
 use super::ship::{self, ShipError, ShipStatus, Shipper};
 use crate::config::{LayerStorageConfig, ReplicateConfig, default_name, validate_name};
@@ -505,9 +506,16 @@ impl SqliteReplicator {
         if dest == self.config.db_path {
             let cache = self.cache.clone();
             let (dest, restored) = (dest.to_path_buf(), restored.clone());
-            let page_size = manifest
-                .generation(&restored.generation)
-                .map_or(manifest.page_size, |g| g.page_size);
+            let generation = manifest.generation(&restored.generation);
+            let page_size = generation.map_or(manifest.page_size, |g| g.page_size);
+            let root = Root {
+                txid: restored.snapshot_txid,
+                delta: generation.is_some_and(|g| {
+                    g.snapshots
+                        .iter()
+                        .any(|s| s.txid == restored.snapshot_txid && s.parent.is_some())
+                }),
+            };
             tokio::task::spawn_blocking(move || -> Result<()> {
                 if !latest {
                     // An older point: its future is not the stored one; a new generation starts.
@@ -529,6 +537,18 @@ impl SqliteReplicator {
                     next_item,
                     last_snapshot_unix_ms: now_ns() / 1_000_000,
                 })?;
+                // What the store restores is now on disk: a later break can ship only what
+                // changed from it. (Optional: without the map that break ships everything.)
+                let map = pagemap::hash_file(&dest, page_size)
+                    .map_err(|e| e.to_string())
+                    .and_then(|hashes| {
+                        let (generation, txid) = (&restored.generation, restored.txid);
+                        PageMap::create(cache.dir(), generation, root, txid, page_size, hashes)
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = map {
+                    tracing::warn!(db = %dest.display(), error = %e, "no page map after the restore");
+                }
                 Ok(())
             })
             .await

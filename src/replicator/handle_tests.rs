@@ -8,6 +8,7 @@ use rusqlite::Connection;
 
 use super::*;
 use crate::config::BackendKind;
+use crate::replicator::manifest;
 use crate::replicator::restore::Target;
 
 struct Setup {
@@ -213,4 +214,126 @@ async fn history_older_than_the_retention_is_pruned_after_a_new_snapshot() {
         .await
         .unwrap();
     same(&rows(&out), &rows(&db));
+}
+
+/// The app checkpoints (TRUNCATE) while the replicator is down, so the transactions in between
+/// are gone from the WAL: the new generation's base is only the pages that changed, and it
+/// restores equal to the source. A second such break right after takes a full snapshot (a delta
+/// never stacks on a delta).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_made_while_the_replicator_was_down_ships_only_the_changed_pages() {
+    let s = Setup::new();
+    let db = s.dir.path().join("app.db");
+    let app = create(&db);
+    app.execute_batch(
+        "BEGIN;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+         INSERT INTO t(v) SELECT randomblob(1000) FROM n;
+         COMMIT;",
+    )
+    .unwrap();
+    let start = || async {
+        let r =
+            SqliteReplicator::with_options(s.config(&db, "cache"), &s.storage, Setup::options())
+                .await
+                .unwrap();
+        r.start().await.unwrap();
+        wait_running(&r).await;
+        r.flush().await.unwrap();
+        r
+    };
+    let r = start().await;
+    // Transactions read from the WAL (the map follows them): rewrites, growth, a VACUUM that
+    // shrinks the file.
+    for i in 0..40 {
+        app.execute(
+            "UPDATE t SET v = randomblob(1000) WHERE id = ?1",
+            [i * 50 + 1],
+        )
+        .unwrap();
+    }
+    app.execute_batch(
+        "INSERT INTO t(v) SELECT randomblob(3000) FROM t WHERE id <= 100;
+         DELETE FROM t WHERE id BETWEEN 1500 AND 1700;
+         VACUUM;",
+    )
+    .unwrap();
+    r.flush().await.unwrap();
+    let first = r.manifest().await.unwrap().unwrap();
+    assert!(first.generations[0].last_txid() >= 42, "{first:?}");
+    let full = first.generations[0].snapshots[0].size;
+    r.stop(Duration::from_secs(10)).await.unwrap();
+
+    let change = |ids: &str| {
+        app.execute_batch(&format!(
+            "UPDATE t SET v = randomblob(1000) WHERE id IN ({ids});
+             INSERT INTO t(v) VALUES (randomblob(1000));
+             PRAGMA wal_checkpoint(TRUNCATE);
+             INSERT INTO t(v) VALUES (randomblob(10));"
+        ))
+        .unwrap();
+    };
+    change("5, 900, 1800");
+    let r = start().await;
+    let m = r.manifest().await.unwrap().unwrap();
+    assert_eq!(m.generations.len(), 2, "{m:?}");
+    let (a, b) = (&m.generations[0], &m.generations[1]);
+    let base = &b.snapshots[0];
+    assert_eq!(
+        base.parent,
+        Some(manifest::Parent {
+            generation: a.id.clone(),
+            txid: a.last_txid(),
+            snapshot: 0,
+        })
+    );
+    assert!(
+        base.size * 20 < full,
+        "the delta base is {} bytes against {full} for the whole database",
+        base.size
+    );
+    let out = s.dir.path().join("after-delta.db");
+    r.restore_to(&out, &restore::RestoreOptions::default())
+        .await
+        .unwrap();
+    same(&rows(&out), &rows(&db));
+    r.stop(Duration::from_secs(10)).await.unwrap();
+
+    change("7");
+    let r = start().await;
+    let m = r.manifest().await.unwrap().unwrap();
+    assert_eq!(m.generations.len(), 3, "{m:?}");
+    assert_eq!(
+        m.generations[2].snapshots[0].parent, None,
+        "a delta on a delta"
+    );
+    let out = s.dir.path().join("after-full.db");
+    r.restore_to(&out, &restore::RestoreOptions::default())
+        .await
+        .unwrap();
+    same(&rows(&out), &rows(&db));
+    // The delta generation still restores as of its end, through its parent.
+    let mid = s.dir.path().join("mid.db");
+    let restored = r
+        .restore_to(
+            &mid,
+            &restore::RestoreOptions {
+                target: Target::Txid {
+                    generation: Some(m.generations[1].id.clone()),
+                    txid: m.generations[1].last_txid(),
+                },
+                ..restore::RestoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(restored.generation, m.generations[1].id);
+    let mid_rows = rows(&mid);
+    let now = rows(&db);
+    assert_eq!(
+        mid_rows.len(),
+        now.len() - 2,
+        "one insert and one update later"
+    );
+    r.stop(Duration::from_secs(10)).await.unwrap();
 }

@@ -4,6 +4,8 @@
 //! - `metadata.json`: this manifest, replaced with a conditional PUT on each sync that shipped
 //!   something (never when idle);
 //! - `snapshots/{generation}/{txid:016x}.db.zst`: the database after transaction `txid`;
+//! - `snapshots/{generation}/{txid:016x}.delta.zst`: a generation's base given as the pages that
+//!   differ from another generation's state (its [`Parent`]), in the segment format;
 //! - `wal/{generation}/{first:016x}-{last:016x}.seg.zst`: transactions `first..=last`;
 //! - `wal/{generation}/index-{first:016x}.json`: a full [`IndexChunk`] of segment entries, moved
 //!   out of the manifest so that it stays small however long a generation runs.
@@ -67,6 +69,31 @@ pub struct Snapshot {
     /// Compressed size and SHA-256 of the object, checked on restore.
     pub size: u64,
     pub sha256: String,
+    /// Set for a delta: the object holds only the pages that differ from this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+}
+
+/// The state a delta snapshot applies to: `generation` after `txid`, restored from its full
+/// snapshot at `snapshot` (the one the delta was computed against).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Parent {
+    pub generation: String,
+    pub txid: u64,
+    pub snapshot: u64,
+}
+
+impl Snapshot {
+    /// The object's key in `generation`.
+    #[must_use]
+    pub fn key(&self, generation: &str) -> String {
+        if self.parent.is_some() {
+            delta_key(generation, self.txid)
+        } else {
+            snapshot_key(generation, self.txid)
+        }
+    }
 }
 
 /// A segment object (its key follows from the generation and the range).
@@ -166,28 +193,60 @@ impl Manifest {
     /// of dropped index chunks are found by reading them).
     pub fn prune(&mut self, keep_from: i64) -> Pruned {
         let mut pruned = Pruned::default();
-        // A generation is needed while no later one started at or before `keep_from`.
-        let covered_until = self.generations.iter().rposition(|g| {
-            g.snapshots
-                .first()
-                .is_some_and(|b| b.committed_unix_ns <= keep_from)
-        });
-        if let Some(first_kept) = covered_until {
-            for g in self.generations.drain(..first_kept) {
-                pruned.add_generation(&g);
+        // Per generation, the snapshot restores of points at or after `keep_from` start from.
+        let mut start: Vec<Option<usize>> = self
+            .generations
+            .iter()
+            .map(|g| {
+                g.snapshots
+                    .iter()
+                    .rposition(|s| s.committed_unix_ns <= keep_from)
+            })
+            .collect();
+        // A generation is needed while no later one has a full snapshot at or before
+        // `keep_from` (a delta base needs its parent's history).
+        let mut first_kept = self
+            .generations
+            .iter()
+            .rposition(|g| {
+                g.snapshots
+                    .iter()
+                    .any(|s| s.parent.is_none() && s.committed_unix_ns <= keep_from)
+            })
+            .unwrap_or(0);
+        // A kept delta keeps what restores its parent: that generation, from the snapshot the
+        // delta was computed against.
+        let mut i = self.generations.len();
+        while i > first_kept {
+            i -= 1;
+            let from = start[i].unwrap_or(0);
+            for p in self.generations[i].snapshots[from..]
+                .iter()
+                .filter_map(|s| s.parent.as_ref())
+            {
+                let Some(j) = self.generations.iter().position(|g| g.id == p.generation) else {
+                    continue;
+                };
+                first_kept = first_kept.min(j);
+                let parent = &self.generations[j];
+                if let (Some(k), Some(s)) = (
+                    parent.snapshots.iter().position(|s| s.txid == p.snapshot),
+                    start[j],
+                ) {
+                    start[j] = Some(s.min(k));
+                }
             }
         }
-        for g in &mut self.generations {
-            let Some(start) = g
-                .snapshots
-                .iter()
-                .rposition(|s| s.committed_unix_ns <= keep_from)
-            else {
+        for g in self.generations.drain(..first_kept) {
+            pruned.add_generation(&g);
+        }
+        for (g, start) in self.generations.iter_mut().zip(&start[first_kept..]) {
+            let Some(start) = *start else {
                 continue;
             };
             let base = g.snapshots[start].txid;
             for old in g.snapshots.drain(..start) {
-                pruned.keys.push(snapshot_key(&g.id, old.txid));
+                pruned.keys.push(old.key(&g.id));
             }
             // Whole ranges before the new base go; one that straddles it stays.
             let chunks = g.chunks.iter().take_while(|c| c.last <= base).count();
@@ -265,7 +324,7 @@ pub struct Pruned {
 impl Pruned {
     fn add_generation(&mut self, g: &Generation) {
         for s in &g.snapshots {
-            self.keys.push(snapshot_key(&g.id, s.txid));
+            self.keys.push(s.key(&g.id));
         }
         for c in &g.chunks {
             self.chunks.push((g.id.clone(), *c));
@@ -355,6 +414,11 @@ pub fn snapshot_key(generation: &str, txid: u64) -> String {
 }
 
 #[must_use]
+pub fn delta_key(generation: &str, txid: u64) -> String {
+    format!("snapshots/{generation}/{txid:016x}.delta.zst")
+}
+
+#[must_use]
 pub fn segment_key(generation: &str, first: u64, last: u64) -> String {
     format!("wal/{generation}/{first:016x}-{last:016x}.seg.zst")
 }
@@ -380,6 +444,7 @@ mod tests {
                 db_pages: 2,
                 size: 10,
                 sha256: "00".repeat(32),
+                parent: None,
             }],
             chunks: Vec::new(),
             segments: Vec::new(),
@@ -418,6 +483,7 @@ mod tests {
             db_pages: 2,
             size: 10,
             sha256: "00".repeat(32),
+            parent: None,
         }
     }
 
@@ -428,6 +494,56 @@ mod tests {
             last_unix_ns: i64::try_from(last).unwrap() * 10,
             size: 1,
         }
+    }
+
+    /// A delta base needs its parent's state: while it is kept, so is the parent from the
+    /// snapshot it was computed against (here not the parent's latest one before the window),
+    /// with the segments after it; once the delta generation has a full snapshot old enough, the
+    /// parent and the delta go.
+    #[test]
+    fn a_kept_delta_base_keeps_what_restores_its_parent() {
+        let mut m = Manifest::new("app", 4096);
+        let mut a = generation(0);
+        a.snapshots = vec![snapshot(0, 0), snapshot(30, 300), snapshot(60, 600)];
+        for first in (1..=90).step_by(10) {
+            a.push_segment(entry(first, first + 9));
+        }
+        let mut b = generation(0);
+        b.snapshots = vec![Snapshot {
+            parent: Some(Parent {
+                generation: a.id.clone(),
+                txid: 90,
+                snapshot: 30,
+            }),
+            ..snapshot(0, 1000)
+        }];
+        b.push_segment(SegmentEntry {
+            last_unix_ns: 1100,
+            ..entry(1, 10)
+        });
+        m.generations = vec![a.clone(), b.clone()];
+        Manifest::parse(&m.to_bytes(), MANIFEST_KEY).unwrap();
+
+        let mut p = m.clone();
+        let pruned = p.prune(1050);
+        assert_eq!(p.generations.len(), 2);
+        assert_eq!(
+            p.generations[0].snapshots,
+            vec![snapshot(30, 300), snapshot(60, 600)]
+        );
+        assert_eq!(p.generations[0].segments.first().unwrap().first, 31);
+        assert_eq!(p.generations[1], b);
+        assert!(pruned.keys.contains(&snapshot_key(&a.id, 0)));
+        assert!(!pruned.keys.contains(&snapshot_key(&a.id, 30)));
+        Manifest::parse(&p.to_bytes(), MANIFEST_KEY).unwrap();
+
+        // B's full snapshot at 10 (time 1100) covers the window: A and the delta go.
+        m.generations[1].snapshots.push(snapshot(10, 1100));
+        let pruned = m.prune(1200);
+        assert_eq!(m.generations.len(), 1);
+        assert_eq!(m.generations[0].snapshots, vec![snapshot(10, 1100)]);
+        assert!(pruned.keys.contains(&delta_key(&b.id, 0)));
+        assert!(pruned.keys.contains(&snapshot_key(&a.id, 30)));
     }
 
     /// Times are txid × 10. Generation A: base 0, snapshot at 50; B (a break): base at 1000.

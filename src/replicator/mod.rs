@@ -14,6 +14,7 @@ pub mod control;
 pub mod engine;
 mod handle;
 pub mod manifest;
+pub mod pagemap;
 pub mod restore;
 pub mod segment;
 pub mod ship;

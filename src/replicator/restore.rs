@@ -2,7 +2,9 @@
 //! an instant.
 //!
 //! A restore reads one generation only (histories never mix): its latest snapshot at or before
-//! the target, then its segments in txid order up to the target. Objects download in parallel
+//! the target, then its segments in txid order up to the target. The one exception is a base
+//! given as a delta, which names the state of the previous generation it applies to: that state
+//! is built first, exactly as the delta's writer saw it. Objects download in parallel
 //! into a private work directory and are applied strictly in order into a temporary file next to
 //! `dest`, which [`PageFile::install`] checks and moves into place; `dest` is never touched on
 //! failure. Every object is verified on the way (snapshot size and SHA-256, segment chains,
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt, stream};
 
 pub use plan::{Plan, Stop, Target, plan};
-use plan::{check_chunk, covering, wanted};
+use plan::{check_chunk, covering, parent_plan, wanted};
 
 use super::apply::ApplyError;
 use super::manifest::{
@@ -174,13 +176,24 @@ pub async fn restore(
     if !opts.force {
         refuse_existing(dest).await?;
     }
-    let generation = manifest
-        .generation(&plan.generation)
-        .expect("the plan names a listed generation");
     let parallelism = opts.parallelism.max(1);
-    let (segments, index_bytes) = segments_for(&*store, generation, &plan, parallelism).await?;
+    // A delta base is applied over its parent's state, which is built first.
+    let mut plans = vec![plan.clone()];
+    if let Some(p) = &plan.snapshot.parent {
+        plans.insert(0, parent_plan(manifest, &plan, p)?);
+    }
+    let mut stages = Vec::new();
+    let mut index_bytes = 0;
+    for plan in plans {
+        let generation = manifest
+            .generation(&plan.generation)
+            .expect("the plan names a listed generation");
+        let (segments, bytes) = segments_for(&*store, generation, &plan, parallelism).await?;
+        index_bytes += bytes;
+        stages.push(build::Stage { plan, segments });
+    }
     let scratch = Scratch::create(dest, work_dir).await?;
-    let (out, at, downloaded) = build::build(store, &plan, segments, &scratch, parallelism).await?;
+    let (out, at, downloaded) = build::build(store, stages, &scratch, parallelism).await?;
     let dest_path = dest.to_path_buf();
     let (check, force) = (opts.integrity_check, opts.force);
     tokio::task::spawn_blocking(move || out.install(&dest_path, check, force))

@@ -223,6 +223,7 @@ async fn put_snapshot(
         db_pages: u32::try_from(db.len() / page_size as usize).unwrap(),
         size: data.len() as u64,
         sha256: hex::encode(Sha256::digest(&data)),
+        parent: None,
     };
     put(store, &manifest::snapshot_key(id, txid), data).await;
     snapshot
@@ -606,6 +607,7 @@ fn snapshot(txid: u64, at: i64) -> Snapshot {
         db_pages: 1,
         size: 1,
         sha256: "00".repeat(32),
+        parent: None,
     }
 }
 

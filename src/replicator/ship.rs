@@ -14,11 +14,14 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+mod placement;
+
+pub use placement::item_key;
+use placement::{Placement, apply, placement};
+
 use super::cache::{Cache, CacheError, Item, ItemKind};
 use super::engine::{Request, Shared};
-use super::manifest::{
-    self, Generation, MANIFEST_KEY, Manifest, ManifestError, SegmentEntry, Snapshot,
-};
+use super::manifest::{self, MANIFEST_KEY, Manifest, ManifestError};
 use crate::store::{ObjectStore, PutCondition, PutOutcome, StoreError, UploadJournal};
 use crate::types::{CompletedPart, PendingUpload};
 
@@ -427,128 +430,6 @@ impl Shipper {
                     })
                 }
             }
-        }
-    }
-}
-
-enum Placement {
-    AlreadyThere,
-    Append,
-    Diverged(String),
-}
-
-/// Where `item` goes in `m`.
-fn placement(m: &Manifest, item: &Item) -> Placement {
-    let g = m.generation(&item.generation);
-    match (&item.kind, g) {
-        (
-            ItemKind::Snapshot {
-                new_generation: Some(_),
-                ..
-            },
-            Some(_),
-        ) => Placement::AlreadyThere,
-        (
-            ItemKind::Snapshot {
-                new_generation: Some(_),
-                ..
-            },
-            None,
-        ) => Placement::Append,
-        (_, None) => Placement::Diverged(format!(
-            "generation {} is not in the store's manifest",
-            item.generation
-        )),
-        (ItemKind::Snapshot { txid, .. }, Some(g)) => {
-            if g.snapshots.iter().any(|s| s.txid == *txid) {
-                Placement::AlreadyThere
-            } else if *txid <= g.last_txid() {
-                Placement::Append
-            } else {
-                Placement::Diverged(format!(
-                    "snapshot after transaction {txid} but the store ends at {}",
-                    g.last_txid()
-                ))
-            }
-        }
-        (ItemKind::Segment { first, last, .. }, Some(g)) => {
-            let end = g.last_txid();
-            if *last <= end {
-                Placement::AlreadyThere
-            } else if *first == end + 1 {
-                Placement::Append
-            } else {
-                Placement::Diverged(format!(
-                    "segment {first}..={last} does not follow the store's transaction {end}"
-                ))
-            }
-        }
-    }
-}
-
-/// Adds `item` to `m`; returns an index chunk to store first, if one filled.
-fn apply(m: &mut Manifest, item: &Item) -> Option<(String, Vec<u8>)> {
-    match &item.kind {
-        ItemKind::Snapshot {
-            txid,
-            committed_unix_ns,
-            db_pages,
-            new_generation,
-        } => {
-            let snap = Snapshot {
-                txid: *txid,
-                committed_unix_ns: *committed_unix_ns,
-                db_pages: *db_pages,
-                size: item.size,
-                sha256: item.sha256.clone(),
-            };
-            if let Some(new) = new_generation {
-                m.page_size = new.page_size;
-                m.generations.push(Generation {
-                    id: item.generation.clone(),
-                    created_unix_ms: new.created_unix_ms,
-                    page_size: new.page_size,
-                    reason: new.reason.clone(),
-                    snapshots: vec![snap],
-                    chunks: Vec::new(),
-                    segments: Vec::new(),
-                });
-            } else if let Some(g) = m.generation_mut(&item.generation) {
-                g.snapshots.push(snap);
-                g.snapshots.sort_by_key(|s| s.txid);
-            }
-            None
-        }
-        ItemKind::Segment {
-            first,
-            last,
-            last_unix_ns,
-            ..
-        } => {
-            let g = m.generation_mut(&item.generation)?;
-            let entry = SegmentEntry {
-                first: *first,
-                last: *last,
-                last_unix_ns: *last_unix_ns,
-                size: item.size,
-            };
-            g.push_segment(entry).map(|(chunk, index)| {
-                (
-                    manifest::chunk_key(&g.id, chunk.first),
-                    serde_json::to_vec(&index).expect("index serializes"),
-                )
-            })
-        }
-    }
-}
-
-/// The store key of an item's object.
-#[must_use]
-pub fn item_key(item: &Item) -> String {
-    match item.kind {
-        ItemKind::Snapshot { txid, .. } => manifest::snapshot_key(&item.generation, txid),
-        ItemKind::Segment { first, last, .. } => {
-            manifest::segment_key(&item.generation, first, last)
         }
     }
 }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::plan::{Plan, Stop};
 use super::{RestoreError, Result, Scratch, store_error};
-use crate::replicator::apply::PageFile;
+use crate::replicator::apply::{ApplyError, PageFile};
 use crate::replicator::manifest::{self, MANIFEST_KEY, SegmentEntry, Snapshot};
 use crate::replicator::segment::{self, Flow, SegmentEvent, SegmentHeader, TxnInfo};
 use crate::store::ObjectStore;
@@ -20,40 +20,68 @@ use crate::util::error_chain;
 /// The 16 bytes every SQLite database file starts with.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
+/// One generation's part of a restore: from its snapshot, its segments up to the plan's stop.
+/// A restore whose snapshot is a delta first builds the delta's parent (an earlier stage).
+#[derive(Debug, Clone)]
+pub(super) struct Stage {
+    pub plan: Plan,
+    pub segments: Vec<SegmentEntry>,
+}
+
 /// An object to download and apply.
 #[derive(Debug, Clone)]
 enum Object {
     Snapshot(Snapshot),
+    /// A snapshot holding only the pages that differ from its parent's state.
+    Delta(Snapshot),
     Segment(SegmentEntry),
 }
 
 /// A downloaded object.
 #[derive(Debug)]
 struct Fetched {
+    /// Index of the stage it belongs to.
+    stage: usize,
     object: Object,
     key: String,
     path: PathBuf,
     size: u64,
 }
 
-/// Downloads the snapshot and the segments, several at once, and applies them strictly in
+/// Downloads each stage's snapshot and segments, several at once, and applies them strictly in
 /// order on a blocking thread while later ones download. Returns the built file, the last
 /// transaction in it and the bytes downloaded.
 pub(super) async fn build(
     store: Arc<dyn ObjectStore>,
-    plan: &Plan,
-    segments: Vec<SegmentEntry>,
+    stages: Vec<Stage>,
     scratch: &Scratch,
     parallelism: usize,
 ) -> Result<(PageFile, TxnInfo, u64)> {
-    let generation = plan.generation.clone();
-    let objects = std::iter::once(Object::Snapshot(plan.snapshot.clone()))
-        .chain(segments.into_iter().map(Object::Segment));
+    let last = stages.last().expect("a restore has a stage").plan.clone();
+    let mut objects = Vec::new();
+    for (i, stage) in stages.iter().enumerate() {
+        let g = &stage.plan.generation;
+        let s = &stage.plan.snapshot;
+        let first = if s.parent.is_some() {
+            Object::Delta(s.clone())
+        } else {
+            Object::Snapshot(s.clone())
+        };
+        objects.push((i, s.key(g), first));
+        for e in &stage.segments {
+            let key = manifest::segment_key(g, e.first, e.last);
+            objects.push((i, key, Object::Segment(*e)));
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Fetched>(1);
-    let (db, applying) = (scratch.db.clone(), plan.clone());
+    let db = scratch.db.clone();
+    let plans: Vec<Plan> = stages.into_iter().map(|s| s.plan).collect();
     let applier = tokio::task::spawn_blocking(move || {
-        let mut b = Builder::create(&db, &applying)?;
+        let mut b = Builder::create(&db, &plans[0])?;
         while let Some(f) = rx.blocking_recv() {
+            if f.stage != b.stage {
+                b.next_stage(f.stage, &plans[f.stage])?;
+            }
             let applied = b.apply(&f);
             let _ = std::fs::remove_file(&f.path);
             applied?;
@@ -62,13 +90,9 @@ pub(super) async fn build(
     });
     let dir = scratch.dir.clone();
     let downloads = async move {
-        let mut fetched = stream::iter(objects.enumerate())
-            .map(|(i, object)| {
-                let key = match &object {
-                    Object::Snapshot(s) => manifest::snapshot_key(&generation, s.txid),
-                    Object::Segment(e) => manifest::segment_key(&generation, e.first, e.last),
-                };
-                fetch(&*store, object, key, dir.join(format!("{i}.zst")))
+        let mut fetched = stream::iter(objects.into_iter().enumerate())
+            .map(|(n, (stage, key, object))| {
+                fetch(&*store, stage, object, key, dir.join(format!("{n}.zst")))
             })
             .buffered(parallelism);
         let mut bytes = 0;
@@ -99,7 +123,7 @@ pub(super) async fn build(
             key: MANIFEST_KEY.to_string(),
             reason: format!(
                 "generation {}: the segments ended at transaction {}, short of {stop:?}",
-                plan.generation, built.at.txid
+                last.generation, built.at.txid
             ),
         }),
     }
@@ -107,6 +131,7 @@ pub(super) async fn build(
 
 async fn fetch(
     store: &dyn ObjectStore,
+    stage: usize,
     object: Object,
     key: String,
     path: PathBuf,
@@ -116,6 +141,7 @@ async fn fetch(
         .await
         .map_err(|e| store_error(&key, e))?;
     Ok(Fetched {
+        stage,
         object,
         key,
         path,
@@ -127,6 +153,8 @@ async fn fetch(
 #[derive(Debug)]
 struct Builder {
     out: PageFile,
+    /// The stage being applied.
+    stage: usize,
     page_size: u32,
     lineage: [u8; 16],
     snapshot_txid: u64,
@@ -140,6 +168,7 @@ impl Builder {
     fn create(path: &Path, plan: &Plan) -> Result<Self> {
         Ok(Self {
             out: PageFile::create(path, plan.page_size)?,
+            stage: 0,
             page_size: plan.page_size,
             lineage: manifest::lineage(&plan.generation),
             snapshot_txid: plan.snapshot.txid,
@@ -155,8 +184,30 @@ impl Builder {
     fn apply(&mut self, f: &Fetched) -> Result<()> {
         match &f.object {
             Object::Snapshot(s) => self.snapshot(f, s),
+            Object::Delta(s) => self.delta(f, s),
             Object::Segment(e) => self.segment(f, e),
         }
+    }
+
+    /// Moves on to the next stage once the current one reached exactly its stop (the state its
+    /// successor's delta was computed against).
+    fn next_stage(&mut self, stage: usize, plan: &Plan) -> Result<()> {
+        let done = matches!(self.stop, Stop::Txid(t) if t == self.at.txid);
+        if !done || stage != self.stage + 1 || plan.page_size != self.page_size {
+            return Err(RestoreError::Corrupt {
+                key: MANIFEST_KEY.to_string(),
+                reason: format!(
+                    "generation {}'s base needs transaction {:?} of its parent; the parent \
+                     ended at {}",
+                    plan.generation, self.stop, self.at.txid
+                ),
+            });
+        }
+        self.stage = stage;
+        self.lineage = manifest::lineage(&plan.generation);
+        self.snapshot_txid = plan.snapshot.txid;
+        self.stop = plan.stop;
+        Ok(())
     }
 
     /// Checks the object's size and SHA-256, then writes its pages.
@@ -165,25 +216,7 @@ impl Builder {
             key: f.key.clone(),
             reason,
         };
-        if f.size != s.size {
-            return Err(corrupt(format!(
-                "{} bytes; the manifest says {}",
-                f.size, s.size
-            )));
-        }
-        let mut hash = Sha256::new();
-        std::io::copy(&mut open(&f.path)?, &mut hash).map_err(|source| RestoreError::Io {
-            op: "read",
-            path: f.path.clone(),
-            source,
-        })?;
-        let sha256 = hex::encode(hash.finalize());
-        if !sha256.eq_ignore_ascii_case(&s.sha256) {
-            return Err(corrupt(format!(
-                "sha256 {sha256}; the manifest says {}",
-                s.sha256
-            )));
-        }
+        verify(f, s)?;
         let mut input = decompress(&f.path)?;
         let mut page = vec![0u8; self.page_size as usize];
         let mut pages = 0u32;
@@ -218,6 +251,44 @@ impl Builder {
         Ok(())
     }
 
+    /// Checks the object's size and SHA-256, then writes its pages over the parent's state:
+    /// exactly one transaction, the snapshot's, with the manifest's size and time.
+    fn delta(&mut self, f: &Fetched, s: &Snapshot) -> Result<()> {
+        let corrupt = |reason: String| RestoreError::Corrupt {
+            key: f.key.clone(),
+            reason,
+        };
+        verify(f, s)?;
+        let header = SegmentHeader {
+            page_size: self.page_size,
+            lineage: self.lineage,
+            first_txid: s.txid,
+        };
+        let out = &mut self.out;
+        let decoded = decode_with(f, header, &mut |event| {
+            match event {
+                SegmentEvent::Begin { .. } => {}
+                SegmentEvent::Page { pgno, data } => out.page(pgno, data)?,
+                SegmentEvent::Commit(info) => out.commit(info.db_pages)?,
+            }
+            Ok(Flow::Continue)
+        })?;
+        match decoded {
+            Some(info)
+                if info.txid == s.txid
+                    && info.db_pages == s.db_pages
+                    && info.committed_unix_ns == s.committed_unix_ns =>
+            {
+                self.at = info;
+                Ok(())
+            }
+            other => Err(corrupt(format!(
+                "holds {other:?}; the manifest says transaction {} of {} pages committed at {} ns",
+                s.txid, s.db_pages, s.committed_unix_ns
+            ))),
+        }
+    }
+
     /// Applies the segment's transactions after the snapshot up to the stop.
     fn segment(&mut self, f: &Fetched, e: &SegmentEntry) -> Result<()> {
         let corrupt = |reason: String| RestoreError::Corrupt {
@@ -239,33 +310,23 @@ impl Builder {
                 txid
             }
         };
-        let (input, header) = (decompress(&f.path)?, self.header(e));
+        let header = self.header(e);
         let (out, at, skip) = (&mut self.out, &mut self.at, self.snapshot_txid);
-        let (mut writing, mut failed) = (false, None);
-        let decoded = segment::decode(input, header, &mut |event| {
-            let applied = match event {
+        let mut writing = false;
+        let last = decode_with(f, header, &mut |event| {
+            match event {
                 SegmentEvent::Begin { txid } if txid > limit => return Ok(Flow::Stop),
-                SegmentEvent::Begin { txid } => {
-                    // The snapshot already holds transactions up to its own.
-                    writing = txid > skip;
-                    Ok(())
-                }
-                SegmentEvent::Page { pgno, data } if writing => out.page(pgno, data),
-                SegmentEvent::Commit(info) if writing => out.commit(info.db_pages).map(|()| {
+                // The snapshot already holds transactions up to its own.
+                SegmentEvent::Begin { txid } => writing = txid > skip,
+                SegmentEvent::Page { pgno, data } if writing => out.page(pgno, data)?,
+                SegmentEvent::Commit(info) if writing => {
+                    out.commit(info.db_pages)?;
                     *at = info;
-                }),
-                SegmentEvent::Page { .. } | SegmentEvent::Commit(_) => Ok(()),
-            };
-            applied.map(|()| Flow::Continue).map_err(|e| {
-                let message = e.to_string();
-                failed = Some(e);
-                message
-            })
-        });
-        if let Some(e) = failed {
-            return Err(e.into());
-        }
-        let last = decoded.map_err(|e| corrupt(error_chain(&e)))?;
+                }
+                SegmentEvent::Page { .. } | SegmentEvent::Commit(_) => {}
+            }
+            Ok(Flow::Continue)
+        })?;
         let reached = last.map_or(e.first.saturating_sub(1), |i| i.txid);
         let to_end = limit >= e.last;
         let expected = if to_end {
@@ -321,6 +382,58 @@ impl Builder {
             first_txid: e.first,
         }
     }
+}
+
+/// Decodes a segment object, handing each event to `step`: a failure to apply is returned as
+/// itself, a failure to decode as corruption of the object.
+fn decode_with(
+    f: &Fetched,
+    header: SegmentHeader,
+    step: &mut dyn FnMut(SegmentEvent<'_>) -> std::result::Result<Flow, ApplyError>,
+) -> Result<Option<TxnInfo>> {
+    let mut failed = None;
+    let decoded = segment::decode(decompress(&f.path)?, header, &mut |event| {
+        step(event).map_err(|e| {
+            let message = e.to_string();
+            failed = Some(e);
+            message
+        })
+    });
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    decoded.map_err(|e| RestoreError::Corrupt {
+        key: f.key.clone(),
+        reason: error_chain(&e),
+    })
+}
+
+/// A snapshot object must have the manifest's size and SHA-256.
+fn verify(f: &Fetched, s: &Snapshot) -> Result<()> {
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        key: f.key.clone(),
+        reason,
+    };
+    if f.size != s.size {
+        return Err(corrupt(format!(
+            "{} bytes; the manifest says {}",
+            f.size, s.size
+        )));
+    }
+    let mut hash = Sha256::new();
+    std::io::copy(&mut open(&f.path)?, &mut hash).map_err(|source| RestoreError::Io {
+        op: "read",
+        path: f.path.clone(),
+        source,
+    })?;
+    let sha256 = hex::encode(hash.finalize());
+    if !sha256.eq_ignore_ascii_case(&s.sha256) {
+        return Err(corrupt(format!(
+            "sha256 {sha256}; the manifest says {}",
+            s.sha256
+        )));
+    }
+    Ok(())
 }
 
 /// A snapshot must be a SQLite database of the manifest's page size.

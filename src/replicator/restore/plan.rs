@@ -3,7 +3,7 @@
 
 use super::{RestoreError, Result};
 use crate::replicator::manifest::{
-    self, ChunkRef, Generation, IndexChunk, MANIFEST_KEY, Manifest, SegmentEntry, Snapshot,
+    self, ChunkRef, Generation, IndexChunk, MANIFEST_KEY, Manifest, Parent, SegmentEntry, Snapshot,
 };
 
 /// What to restore.
@@ -129,6 +129,44 @@ pub fn plan(manifest: &Manifest, target: &Target) -> Result<Plan> {
         snapshot: snapshot.clone(),
         stop,
         end: end_of(generation).0,
+    })
+}
+
+/// The plan that builds the state `child`'s delta snapshot applies to: the parent generation
+/// from the full snapshot the delta was computed against, to exactly its transaction.
+pub fn parent_plan(manifest: &Manifest, child: &Plan, p: &Parent) -> Result<Plan> {
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        key: MANIFEST_KEY.to_string(),
+        reason: format!(
+            "generation {}'s base is a delta on generation {} after transaction {}: {reason}",
+            child.generation, p.generation, p.txid
+        ),
+    };
+    let g = manifest
+        .generation(&p.generation)
+        .ok_or_else(|| corrupt("that generation is not listed".to_string()))?;
+    checked(g)?;
+    if g.page_size != child.page_size {
+        return Err(corrupt(format!("its page size is {}", g.page_size)));
+    }
+    let snapshot = g
+        .snapshots
+        .iter()
+        .find(|s| s.txid == p.snapshot && s.parent.is_none())
+        .ok_or_else(|| corrupt(format!("its full snapshot at {} is not listed", p.snapshot)))?;
+    let (end, _) = end_of(g);
+    if p.txid < p.snapshot || p.txid > end {
+        return Err(corrupt(format!(
+            "it has transactions {}..={end}",
+            snapshot.txid
+        )));
+    }
+    Ok(Plan {
+        generation: g.id.clone(),
+        page_size: g.page_size,
+        snapshot: snapshot.clone(),
+        stop: Stop::Txid(p.txid),
+        end,
     })
 }
 
