@@ -6,13 +6,16 @@
 //! nobody read it, a new generation from a snapshot.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 mod output;
+mod wake;
 
 use output::Output;
+use wake::Waited;
+pub use wake::{EngineSender, Waiter, channel};
 
 use super::cache::{Cache, CacheError, FileId, LocalState, NewGeneration};
 use super::manifest;
@@ -134,7 +137,7 @@ pub fn run(
     cfg: EngineConfig,
     cache: Cache,
     shared: Arc<Shared>,
-    requests: &Receiver<Request>,
+    requests: &mut Waiter,
 ) -> Result<()> {
     let mut engine = loop {
         match Engine::start(cfg.clone(), cache.clone(), Arc::clone(&shared)) {
@@ -150,17 +153,24 @@ pub fn run(
                 }
                 st.last_error = Some(msg);
                 drop(st);
-                match requests.recv_timeout(START_RETRY) {
-                    Ok(Request::Flush(reply)) => {
+                match requests.wait(START_RETRY, false) {
+                    Waited::Request(Request::Flush(reply)) => {
                         let _ = reply.send(Err(FlushRefused::from(&e)));
                     }
-                    Ok(Request::NewGeneration(_)) | Err(RecvTimeoutError::Timeout) => {}
-                    Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                    Waited::Request(Request::NewGeneration(_))
+                    | Waited::Timeout
+                    | Waited::Changed => {}
+                    Waited::Request(Request::Stop) | Waited::Disconnected => return Ok(()),
                 }
             }
         }
     };
     shared.status.lock().expect("status lock").running = true;
+    let dir = match cfg.db_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    requests.watch(dir);
     let result = engine.run(requests);
     shared.status.lock().expect("status lock").running = false;
     result
@@ -264,10 +274,17 @@ impl Engine {
         Ok(engine)
     }
 
-    fn run(&mut self, requests: &Receiver<Request>) -> Result<()> {
+    fn run(&mut self, requests: &mut Waiter) -> Result<()> {
         loop {
-            match requests.recv_timeout(POLL) {
-                Ok(Request::Flush(reply)) => {
+            // Idle with a watch: sleep until the directory changes or an idle pump is due.
+            let idle = requests.can_sleep() && self.idle();
+            let timeout = if idle {
+                IDLE_PUMP.saturating_sub(self.last_pump.elapsed()).max(POLL)
+            } else {
+                POLL
+            };
+            match requests.wait(timeout, idle) {
+                Waited::Request(Request::Flush(reply)) => {
                     let result = self.flush();
                     let answer = match &result {
                         Ok(()) => Ok(self.out.state.next_item.checked_sub(1)),
@@ -276,24 +293,37 @@ impl Engine {
                     self.out.note(result.err().map(|e| e.to_string()));
                     let _ = reply.send(answer);
                 }
-                Ok(Request::NewGeneration(reason)) => {
+                Waited::Request(Request::NewGeneration(reason)) => {
                     // The store lacks our history: a delta on it could not be restored.
                     self.out.map = None;
                     let r = self.new_generation(&reason);
                     self.out.note(r.err().map(|e| e.to_string()));
                 }
-                Ok(Request::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                Waited::Request(Request::Stop) | Waited::Disconnected => {
                     let r = self.pump().and_then(|()| self.out.seal(&self.source));
                     self.out.publish();
                     return r;
                 }
-                Err(RecvTimeoutError::Timeout) => {
+                waited @ (Waited::Changed | Waited::Timeout) => {
+                    if matches!(waited, Waited::Changed) {
+                        self.active_until = Instant::now() + ACTIVE;
+                    }
                     let r = self.tick();
                     self.out.note(r.err().map(|e| e.to_string()));
                 }
             }
             self.out.publish();
         }
+    }
+
+    /// Nothing to do until the database changes: no recent change, nothing unread or uncut,
+    /// no pending generation, the cache not full (the shipper emptying it wakes nobody).
+    fn idle(&self) -> bool {
+        Instant::now() >= self.active_until
+            && self.out.open.is_none()
+            && !self.source.behind()
+            && self.pending_generation.is_none()
+            && self.usage < self.out.cfg.max_cache_size
     }
 
     /// Reads and cuts everything committed so far.
@@ -416,8 +446,10 @@ impl Engine {
         let done = self.source.checkpoint()?;
         self.checkpointed = here;
         if done.busy || done.backfilled < done.log {
-            // Read the bulk while writers go on; the barrier then only waits for the tail.
+            // Read the bulk and backfill up to it while writers go on: under the barrier only
+            // the tail written meanwhile is read, made durable and copied.
             self.catch_up()?;
+            self.source.checkpoint()?;
             let out = &mut self.out;
             let result = self.source.with_barrier(|src| {
                 if let Some(reason) = out.read_all(src)? {

@@ -155,7 +155,7 @@ pub struct ReplicatorStatus {
 }
 
 struct Running {
-    requests: mpsc::Sender<Request>,
+    requests: engine::EngineSender,
     thread: std::thread::JoinHandle<std::result::Result<(), EngineError>>,
     shipper: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
@@ -281,7 +281,10 @@ impl SqliteReplicator {
                 db: self.config.db_path.clone(),
             });
         }
-        let (requests, rx) = mpsc::channel();
+        let (requests, mut rx) = engine::channel().map_err(|e| ReplicatorError::Flush {
+            db: self.config.db_path.clone(),
+            reason: format!("cannot set up the reading thread's wakeups: {e}"),
+        })?;
         let cache = self.cache.clone();
         let shippable = tokio::task::spawn_blocking(move || cache.shippable_below())
             .await
@@ -301,7 +304,7 @@ impl SqliteReplicator {
         let (cache, shared) = (self.cache.clone(), Arc::clone(&self.shared));
         let thread = std::thread::Builder::new()
             .name(format!("zl-db-{}", self.name))
-            .spawn(move || engine::run(cfg, cache, shared, &rx))
+            .spawn(move || engine::run(cfg, cache, shared, &mut rx))
             .map_err(|e| ReplicatorError::Flush {
                 db: self.config.db_path.clone(),
                 reason: format!("cannot start the reading thread: {e}"),

@@ -8,7 +8,6 @@
 //! changes are in that snapshot, so nothing is lost.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ pub use placement::item_key;
 use placement::{Placement, apply, placement};
 
 use super::cache::{Cache, CacheError, Item, ItemKind};
-use super::engine::{Request, Shared};
+use super::engine::{EngineSender, Request, Shared};
 use super::manifest::{self, MANIFEST_KEY, Manifest, ManifestError};
 use crate::store::{ObjectStore, PutCondition, PutOutcome, StoreError, UploadJournal};
 use crate::types::{CompletedPart, PendingUpload};
@@ -88,7 +87,7 @@ pub struct Shipper {
     pub shared: Arc<Shared>,
     pub status: Arc<Mutex<ShipStatus>>,
     pub shipped: watch::Sender<Option<u64>>,
-    pub engine: Sender<Request>,
+    pub engine: EngineSender,
     /// The manifest as last read or written, with its etag.
     manifest: Option<(Manifest, Option<String>)>,
     /// Generations whose history diverged from the store's.
@@ -118,7 +117,7 @@ impl Shipper {
         shared: Arc<Shared>,
         status: Arc<Mutex<ShipStatus>>,
         shipped: watch::Sender<Option<u64>>,
-        engine: Sender<Request>,
+        engine: EngineSender,
     ) -> Self {
         Self {
             store,

@@ -282,7 +282,9 @@ impl Source {
             Err(e) if is_busy(&e) => return Ok(None),
             Err(e) => return Err(sqlite(&self.path, "take the write barrier")(e).into()),
         }
+        let held = std::time::Instant::now();
         let result = f(self);
+        tracing::debug!(db = %self.path.display(), held_us = held.elapsed().as_micros(), "write barrier released");
         let rolled_back = self
             .barrier
             .execute_batch("ROLLBACK")
