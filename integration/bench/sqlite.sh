@@ -9,12 +9,12 @@
 # Env: ZLAYER_BIN (skip building the binary), WRITER_BIN (the sqlite_bench_writer example; by
 #      default next to ZLAYER_BIN in examples/, built when missing), GARAGE_BIN (default: garage
 #      on PATH or ~/.cargo/bin/garage), BENCH_DIR (parent of the scratch dir, default /tmp),
-#      BENCH_KEEP=1 (keep the scratch dir), BENCH_ONLY (subset of "tput lag idle rss restore"),
+#      BENCH_KEEP=1 (keep the scratch dir), BENCH_ONLY (subset of "tput lag idle resnap rss restore"),
 #      BENCH_TPUT_SECS (8), BENCH_TPUT_ROUNDS (3; each = one run without and one with the
 #      replicator, order alternating), BENCH_APP_AUTOCHECKPOINT (app's wal_autocheckpoint;
 #      default SQLite's own, 1000),
 #      BENCH_LAG_SECS (20), BENCH_LAG_RATE (20 commits/s),
-#      BENCH_IDLE_SECS (60), BENCH_RSS_DBS (10), BENCH_RSS_SECS (20), BENCH_RSS_RATE (50 commits/s
+#      BENCH_IDLE_SECS (60), BENCH_RESNAP_ROWS (50000), BENCH_RSS_DBS (10), BENCH_RSS_SECS (20), BENCH_RSS_RATE (50 commits/s
 #      over all databases), BENCH_RSS_IDLE_SECS (20),
 #      BENCH_RESTORE_MB (200), BENCH_RESTORE_RUNS (3), BENCH_CHURN_SECS (5).
 #
@@ -27,6 +27,9 @@
 #            and records when each txid is first covered by a stored segment; commit → durable.
 # 3. idle    one database, Garage behind a counting HTTP proxy: requests and replicator CPU over
 #            BENCH_IDLE_SECS after a flush.
+# 3b. resnap a database replicated (local store), then 1 % of its rows rewritten and a TRUNCATE
+#            checkpoint while the replicator is down: the new generation's base (a delta on the
+#            previous generation) against the full base snapshot; the restore is checked.
 # 4. rss     BENCH_RSS_DBS databases on one `db replicate` (Garage), light writes, then idle:
 #            VmHWM/VmRSS, requests and CPU.
 # 5. restore a BENCH_RESTORE_MB database replicated to Garage (base snapshot + BENCH_CHURN_SECS of
@@ -47,7 +50,8 @@ for tool in python3 sqlite3 zstd curl openssl "$AWS"; do
 done
 GARAGE_BIN=${GARAGE_BIN:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
 
-ONLY=${BENCH_ONLY:-tput lag idle rss restore}
+ONLY=${BENCH_ONLY:-tput lag idle resnap rss restore}
+RESNAP_ROWS=${BENCH_RESNAP_ROWS:-50000}
 TPUT_SECS=${BENCH_TPUT_SECS:-8}
 TPUT_ROUNDS=${BENCH_TPUT_ROUNDS:-3}
 APP_AUTOCHECKPOINT=${BENCH_APP_AUTOCHECKPOINT:-}
@@ -371,6 +375,53 @@ if want idle; then
   verdict "idle: 0 store requests" "$(calc "$reqs == 0")" "$reqs in $(calc "round($secs)") s"
   verdict "idle: ~0 CPU (≤ 0.1 % of a core)" "$(calc "$cpu * 100 / $secs <= 0.1")" \
     "$(calc "round($cpu * 100 / $secs, 3)") %"
+fi
+
+# ============================================================================================
+# 3b. Re-snapshot after the app checkpointed while the replicator was down
+# ============================================================================================
+if want resnap; then
+  echo
+  echo "== 3b. app checkpoint (TRUNCATE) while the replicator is down: what the new generation uploads"
+  d=$work/resnap
+  mkdir -p "$d"
+  sqlite3 "$d/app.db" "PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);
+    WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $RESNAP_ROWS)
+    INSERT INTO t(v) SELECT randomblob(1000) FROM n;" >/dev/null
+  config resnap local
+  replicate resnap "$d/app.db"
+  stop_replicator "$REP_PID"
+  # 1 % of the rows rewritten, then a checkpoint that restarts the WAL: the replicator never
+  # sees those transactions (Litestream re-uploads the whole database here).
+  sqlite3 "$d/app.db" "UPDATE t SET v = randomblob(1000) WHERE id % 100 = 0;
+    PRAGMA wal_checkpoint(TRUNCATE); INSERT INTO t(v) VALUES (randomblob(10));" >/dev/null
+  replicate resnap "$d/app.db"
+  stop_replicator "$REP_PID"
+  res=$(python3 - "$d/store/resnap/sqlite/app/metadata.json" "$d/app.db" <<'PY'
+import json, sys, os
+m = json.load(open(sys.argv[1]))
+a, b = m["generations"][-2], m["generations"][-1]
+base = b["snapshots"][0]
+print(json.dumps({"full": a["snapshots"][0]["size"], "delta": base["size"],
+                  "parent": bool(base.get("parent")), "db": os.path.getsize(sys.argv[2])}))
+PY
+)
+  full=$(json full <<<"$res"); delta=$(json delta <<<"$res")
+  out=$d/restored.db
+  "$ZLAYER_BIN" --config "$work/resnap.toml" db restore --db "$d/app.db" --output "$out" >/dev/null
+  same=$(python3 -c "
+import sqlite3, sys
+q = 'SELECT count(*), sum(length(v)), sum(id * length(v)) FROM t'
+a = sqlite3.connect(sys.argv[1]).execute(q).fetchone()
+b = sqlite3.connect(sys.argv[2]).execute(q).fetchone()
+print(a == b)" "$d/app.db" "$out")
+  [ "$same" = True ] || die "the restore through the delta differs from the source"
+  echo "  database $(json db <<<"$res") bytes, $RESNAP_ROWS rows of 1000 random bytes; 1 % rewritten while down"
+  echo "  full snapshot (first generation's base, what a full re-upload costs): $full bytes"
+  echo "  new generation's base: $delta bytes, a delta on the previous generation: $(json parent <<<"$res")"
+  echo "  ratio delta/full: $(calc "round($delta / $full, 4)"); restore through the delta equals the source"
+  verdict "checkpoint while down uploads only changed pages (≤ 10 % of a full snapshot here)" \
+    "$(calc "$delta <= $full * 0.10")" "$(calc "round($delta * 100 / $full, 2)") % of the full base"
 fi
 
 # ============================================================================================

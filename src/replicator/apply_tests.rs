@@ -28,7 +28,7 @@ fn ship(db: &Db) -> Vec<u8> {
     let file = File::open(&db.wal).unwrap();
     wal::scan(&file, &db.wal, &mut cursor, end, &mut |e| {
         match e {
-            WalEvent::Page { pgno, data } => w.page(pgno, data),
+            WalEvent::Page { pgno, data } => w.page(pgno, data).map(drop),
             WalEvent::Commit { db_pages, .. } => {
                 let txid = w.next_txid();
                 w.commit(i64::try_from(txid).unwrap(), db_pages).map(|_| ())

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 mod output;
 mod wake;
 
-use output::Output;
+use output::{Output, Stored};
 use wake::Waited;
 pub use wake::{EngineSender, Waiter, channel};
 
@@ -252,17 +252,13 @@ impl Engine {
             None => engine.new_generation(reason)?,
             Some(Some(c)) => engine.source.resume(WalCursor::from(c)),
             Some(None) => {
-                // Nothing was in the WAL at the saved point (after a restore or a snapshot):
-                // only an empty WAL still continues from there.
-                let skipped = engine
-                    .source
-                    .with_barrier(Source::start_at_end)?
-                    .ok_or_else(|| EngineError::Barrier { path: path.clone() })?;
-                if skipped > 0 {
-                    engine.new_generation(
-                        "the WAL had transactions written while the replicator was not reading it",
-                    )?;
-                }
+                // Nothing was in the WAL at the saved point (after a restore or a snapshot). An
+                // empty WAL now does not prove nothing happened: the app may have written,
+                // checkpointed and truncated or removed it meanwhile. The database is compared
+                // with the page map instead; the generation goes on only if it is the same.
+                engine.new_generation(
+                    "the database may have changed while the replicator was not reading it",
+                )?;
             }
         }
         {
@@ -450,13 +446,19 @@ impl Engine {
             // the tail written meanwhile is read, made durable and copied.
             self.catch_up()?;
             self.source.checkpoint()?;
+            // What was written during that checkpoint, so the barrier's tail is only what the
+            // last few milliseconds added.
+            self.catch_up()?;
             let out = &mut self.out;
             let result = self.source.with_barrier(|src| {
+                let started = Instant::now();
                 if let Some(reason) = out.read_all(src)? {
                     return Ok(Some(reason));
                 }
+                let read = started.elapsed();
                 let done = src.checkpoint()?;
-                tracing::debug!(?done, "barrier checkpoint");
+                let copied = started.elapsed() - read;
+                tracing::debug!(?done, ?read, ?copied, "barrier checkpoint");
                 // Re-pin on the backfilled WAL (nothing new: writers are held off).
                 out.read_all(src)
             });
@@ -501,7 +503,6 @@ impl Engine {
         self.pending_generation = Some(reason.to_string());
         self.out.discard_partial();
         self.out.seal(&self.source)?;
-        tracing::info!(db = %self.out.cfg.db_path.display(), reason, "new generation");
         let mut attempts = 0;
         while self.source.with_barrier(Source::start_at_end)?.is_none() {
             attempts += 1;
@@ -529,12 +530,28 @@ impl Engine {
             created_unix_ms: now_ms(),
         };
         let committed = st.last_commit_unix_ns;
-        if let Err(e) = self.out.snapshot(&self.source, 0, committed, Some(new)) {
-            // Nothing of the new generation is in the outbox: retried from scratch later.
-            let next_item = self.out.state.next_item;
-            self.out.state = previous;
-            self.out.state.next_item = next_item;
-            return Err(e);
+        let db = self.out.cfg.db_path.clone();
+        match self.out.snapshot(&self.source, 0, committed, Some(new)) {
+            Ok(Stored::Snapshot) => {
+                tracing::info!(db = %db.display(), reason, "new generation");
+            }
+            Ok(Stored::Unchanged) => {
+                // The database is exactly what the store restores: the history goes on from
+                // here (the WAL is empty or restarts at the position just taken).
+                let next_item = self.out.state.next_item;
+                self.out.state = previous;
+                self.out.state.next_item = next_item;
+                self.out.state.cursor = self.source.cursor().map(Into::into);
+                self.out.save()?;
+                tracing::info!(db = %db.display(), reason, "the database is as replicated; the generation goes on");
+            }
+            Err(e) => {
+                // Nothing of the new generation is in the outbox: retried from scratch later.
+                let next_item = self.out.state.next_item;
+                self.out.state = previous;
+                self.out.state.next_item = next_item;
+                return Err(e);
+            }
         }
         self.pending_generation = None;
         self.checkpointed = None;

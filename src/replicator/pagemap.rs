@@ -6,16 +6,19 @@
 //! previous generation), not the whole database.
 //!
 //! The map follows exactly what a restore does: a snapshot's pages, then each transaction's pages
-//! written in place and the file cut or zero-extended to its size. It is kept in memory and on
-//! disk in the cache as a base file (`pagemap.bin`, rewritten at each snapshot) plus a log of
-//! each sealed segment's changes (`pagemap.log`, appended at each seal, not synced). Both are
+//! written in place and the file cut or zero-extended to its size. Only a segment's net effect
+//! is hashed, at its seal: the sizes it went through and the last version of each page it left
+//! (a hot page rewritten by thousands of transactions is hashed once). The map is kept in memory
+//! and on disk in the cache as a base file (`pagemap.bin`, rewritten at each snapshot) plus a
+//! log of each sealed segment's net changes (`pagemap.log`, appended at each seal, not synced). Both are
 //! checked on load; a map that does not reach exactly the saved transaction is not used, and the
 //! next break costs a full snapshot instead: the map only ever saves uploads, never decides what
 //! a restore contains.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -80,18 +83,36 @@ pub struct PageMap {
     page_size: u32,
     zero: PageHash,
     hashes: Vec<PageHash>,
-    /// Committed transactions of the segment being written.
-    segment: Vec<Op>,
-    /// Pages of the transaction being read.
-    txn: Vec<Op>,
+    /// Net effect of the committed transactions of the segment being written.
+    segment: Pending,
+    /// Pages of the transaction being read: number and where its data is in the segment file.
+    txn: Vec<(u32, u64)>,
     log: File,
     log_len: u64,
 }
 
-/// Hashes a page.
+/// What the committed transactions of an unsealed segment did, net.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The smallest and the last database size among its commits (pages above the smallest
+    /// were cut off at some point: zeros unless written again after).
+    sizes: Option<(u32, u32)>,
+    /// Pages whose last version is in the segment file (offset of the data), not cut off since.
+    pages: HashMap<u32, u64>,
+}
+
+/// Hashes page `pgno`. Page 1 is hashed without the header bytes a snapshot (SQLite's backup)
+/// rewrites, 24..28 and 92..100, so that a database equal to the map's compares equal.
 #[must_use]
-pub fn hash_page(data: &[u8]) -> PageHash {
-    let full = Sha256::digest(data);
+pub fn hash_page(pgno: u32, data: &[u8]) -> PageHash {
+    let full = if pgno == 1 && data.len() >= 100 {
+        let mut masked = data.to_vec();
+        masked[24..28].fill(0);
+        masked[92..100].fill(0);
+        Sha256::digest(&masked)
+    } else {
+        Sha256::digest(data)
+    };
     let mut h = [0u8; 16];
     h.copy_from_slice(&full[..16]);
     h
@@ -104,7 +125,10 @@ pub fn hash_file(path: &Path, page_size: u32) -> std::io::Result<Vec<PageHash>> 
     let mut out = Vec::new();
     loop {
         match input.read_exact(&mut page) {
-            Ok(()) => out.push(hash_page(&page)),
+            Ok(()) => {
+                let pgno = u32::try_from(out.len() + 1).unwrap_or(u32::MAX);
+                out.push(hash_page(pgno, &page));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e),
         }
@@ -123,7 +147,7 @@ impl PageMap {
         page_size: u32,
         hashes: Vec<PageHash>,
     ) -> Result<Self> {
-        let zero = hash_page(&vec![0u8; page_size as usize]);
+        let zero = hash_page(2, &vec![0u8; page_size as usize]);
         let (log, log_len) = write_files(dir, generation, root, txid, page_size, &hashes)?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -133,7 +157,7 @@ impl PageMap {
             page_size,
             zero,
             hashes,
-            segment: Vec::new(),
+            segment: Pending::default(),
             txn: Vec::new(),
             log,
             log_len,
@@ -174,7 +198,7 @@ impl PageMap {
             .map_err(io("open", &log_path))?;
         let mut bytes = Vec::new();
         log.read_to_end(&mut bytes).map_err(io("read", &log_path))?;
-        let zero = hash_page(&vec![0u8; page_size as usize]);
+        let zero = hash_page(2, &vec![0u8; page_size as usize]);
         let mut map = Self {
             dir: dir.to_path_buf(),
             generation: generation.to_string(),
@@ -183,7 +207,7 @@ impl PageMap {
             page_size,
             zero,
             hashes,
-            segment: Vec::new(),
+            segment: Pending::default(),
             txn: Vec::new(),
             log: log.try_clone().map_err(io("open", &log_path))?,
             log_len: 0,
@@ -243,15 +267,20 @@ impl PageMap {
         &self.hashes
     }
 
-    /// A page of the transaction being read.
-    pub fn page(&mut self, pgno: u32, data: &[u8]) {
-        self.txn.push(Op::Page(pgno, hash_page(data)));
+    /// A page of the transaction being read, whose data is at `offset` in the segment file.
+    pub fn page(&mut self, pgno: u32, offset: u64) {
+        self.txn.push((pgno, offset));
     }
 
     /// The transaction being read committed; the database is `db_pages` long after it.
     pub fn commit(&mut self, db_pages: u32) {
-        self.segment.append(&mut self.txn);
-        self.segment.push(Op::Size(db_pages));
+        let seg = &mut self.segment;
+        seg.pages.extend(self.txn.drain(..));
+        seg.pages.retain(|&p, _| p <= db_pages);
+        seg.sizes = Some(match seg.sizes {
+            Some((min, _)) => (min.min(db_pages), db_pages),
+            None => (db_pages, db_pages),
+        });
     }
 
     /// The transaction being read was cut off.
@@ -262,12 +291,13 @@ impl PageMap {
     /// The whole segment being written was dropped.
     pub fn discard_segment(&mut self) {
         self.txn.clear();
-        self.segment.clear();
+        self.segment = Pending::default();
     }
 
-    /// The segment of transactions `first..=last` is in the outbox: its changes join the map
-    /// and its log (folded into a new base once the log is big).
-    pub fn seal(&mut self, first: u64, last: u64) -> Result<()> {
+    /// The segment of transactions `first..=last`, written to `file` (complete, before it is
+    /// compressed away), is going into the outbox: its net changes join the map and its log
+    /// (folded into a new base once the log is big). Call before the state counting it is saved.
+    pub fn seal(&mut self, first: u64, last: u64, file: &Path) -> Result<()> {
         if first != self.txid + 1 || !self.txn.is_empty() {
             return Err(PageMapError::OutOfStep {
                 generation: self.generation.clone(),
@@ -275,7 +305,23 @@ impl PageMap {
                 first,
             });
         }
-        let ops = std::mem::take(&mut self.segment);
+        let pending = std::mem::take(&mut self.segment);
+        let mut ops = Vec::with_capacity(pending.pages.len() + 2);
+        if let Some((min, last_size)) = pending.sizes {
+            ops.extend([Op::Size(min), Op::Size(last_size)]);
+        }
+        let mut pages: Vec<(u32, u64)> = pending.pages.into_iter().collect();
+        pages.sort_unstable();
+        if !pages.is_empty() {
+            let spool = File::open(file).map_err(io("open", file))?;
+            let mut data = vec![0u8; self.page_size as usize];
+            for (pgno, offset) in pages {
+                spool
+                    .read_exact_at(&mut data, offset)
+                    .map_err(io("read", file))?;
+                ops.push(Op::Page(pgno, hash_page(pgno, &data)));
+            }
+        }
         let record = encode_record(first, last, &ops);
         for op in ops {
             self.apply(op);

@@ -251,7 +251,7 @@ fn ship(
     let wal_file = File::open(&db.wal).unwrap();
     let shipped = wal::scan(&wal_file, &db.wal, cursor, end, &mut |e| {
         match e {
-            WalEvent::Page { pgno, data } => w.page(pgno, data),
+            WalEvent::Page { pgno, data } => w.page(pgno, data).map(drop),
             WalEvent::Commit { db_pages, .. } => {
                 w.commit(time(w.next_txid()), db_pages).map(|_| ())
             }

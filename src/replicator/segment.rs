@@ -97,8 +97,9 @@ impl SegmentWriter {
         Ok(w)
     }
 
-    /// Adds a page to the open transaction (opening it if needed).
-    pub fn page(&mut self, pgno: u32, data: &[u8]) -> std::io::Result<()> {
+    /// Adds a page to the open transaction (opening it if needed); returns where its data is
+    /// in the (uncompressed) file.
+    pub fn page(&mut self, pgno: u32, data: &[u8]) -> std::io::Result<u64> {
         debug_assert_eq!(data.len(), self.header.page_size as usize);
         if pgno == 0 {
             // The decoder refuses page 0; never write what cannot be read back.
@@ -111,7 +112,9 @@ impl SegmentWriter {
         }
         self.emit(&[PAGE])?;
         self.emit(&pgno.to_be_bytes())?;
-        self.emit(data)
+        let offset = self.len;
+        self.emit(data)?;
+        Ok(offset)
     }
 
     /// Cuts off the open transaction (its WAL scan failed).

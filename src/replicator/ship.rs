@@ -207,6 +207,12 @@ impl Shipper {
         .await
         .map_err(|e| ShipError::Task(e.to_string()))??;
         self.status.lock().expect("ship status").pending_bytes = usage;
+        // Items leave the outbox only once shipped: every number below the first one left (and
+        // below what the saved state counts) is in the store, e.g. shipped before a restart.
+        let left = items.first().map_or(shippable, |i| i.number.min(shippable));
+        if let Some(through) = left.checked_sub(1) {
+            self.mark_shipped(through);
+        }
         if items.is_empty() {
             return Ok(0);
         }
@@ -254,11 +260,18 @@ impl Shipper {
         }
         drop(st);
         if let Some(last) = last {
-            self.shipped
-                .send_modify(|s| *s = Some(s.map_or(last, |p| p.max(last))));
-            self.status.lock().expect("ship status").shipped_item = *self.shipped.borrow();
+            self.mark_shipped(last);
         }
         Ok(done.len())
+    }
+
+    /// Items up to `through` are in the store (flushes waiting for them return).
+    fn mark_shipped(&self, through: u64) {
+        let newer = self.shipped.borrow().is_none_or(|s| s < through);
+        if newer {
+            self.shipped.send_replace(Some(through));
+            self.status.lock().expect("ship status").shipped_item = Some(through);
+        }
     }
 
     /// Drops history no restore within the retention window needs: the manifest first (so a

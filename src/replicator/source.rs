@@ -20,6 +20,8 @@ pub const MIN_SQLITE: (u32, u32, u32) = (3, 51, 3);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a barrier waits for the write lock before giving up for now.
 const BARRIER_WAIT: Duration = Duration::from_millis(100);
+/// How often a barrier tries for the write lock while it waits.
+const BARRIER_RETRY: Duration = Duration::from_micros(50);
 /// A published bound read while the WAL restarted is retried this often.
 const BOUND_ATTEMPTS: u32 = 5;
 /// Frames one pump reads at most (then it stops at the next commit), so a long WAL becomes
@@ -134,9 +136,9 @@ impl Source {
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
         let barrier = open()?;
-        // Waiting long for the write lock only lets the backlog grow: give up and retry.
+        // The barrier retries itself, often (see `with_barrier`).
         barrier
-            .busy_timeout(BARRIER_WAIT)
+            .busy_timeout(Duration::ZERO)
             .map_err(sqlite(path, "set busy timeout"))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -277,10 +279,21 @@ impl Source {
         &mut self,
         f: impl FnOnce(&mut Self) -> std::result::Result<T, E>,
     ) -> std::result::Result<Option<T>, E> {
-        match self.barrier.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => {}
-            Err(e) if is_busy(&e) => return Ok(None),
-            Err(e) => return Err(sqlite(&self.path, "take the write barrier")(e).into()),
+        // SQLite's busy handler sleeps 1, 2, 5, 10… ms between tries, and a busy writer takes
+        // the lock back within microseconds of releasing it: such a barrier almost never gets
+        // in. Trying every ~50 µs lands in the gap between two of the app's transactions.
+        let deadline = std::time::Instant::now() + BARRIER_WAIT;
+        loop {
+            match self.barrier.execute_batch("BEGIN IMMEDIATE") {
+                Ok(()) => break,
+                Err(e) if is_busy(&e) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(BARRIER_RETRY);
+                }
+                Err(e) => return Err(sqlite(&self.path, "take the write barrier")(e).into()),
+            }
         }
         let held = std::time::Instant::now();
         let result = f(self);

@@ -217,6 +217,9 @@ pub fn scan(
     scan_bounded(file, path, cursor, end, u32::MAX, sink)
 }
 
+/// Frames read with one system call.
+const READ_FRAMES: u32 = 64;
+
 /// [`scan`] that stops at the first commit after `budget` frames (the cursor is then before
 /// `end`), so a long WAL is read in pieces that fit one segment each.
 pub fn scan_bounded(
@@ -245,18 +248,29 @@ pub fn scan_bounded(
         frame,
         message,
     };
-    let mut buf = vec![0u8; usize::try_from(header.frame_len()).expect("frame fits in memory")];
+    let frame_len = usize::try_from(header.frame_len()).expect("frame fits in memory");
+    // Frames are read READ_FRAMES at a time (one pread each), then checked one by one.
+    let mut chunk = vec![0u8; frame_len * READ_FRAMES as usize];
+    let mut chunk_first = 0;
+    let mut chunk_frames = 0;
     let (mut frame, mut checksum, mut txns) = (cursor.next_frame, cursor.checksum, 0);
     let first = frame;
     while frame <= end {
-        let offset = HEADER_LEN + u64::from(frame - 1) * header.frame_len();
-        file.read_exact_at(&mut buf, offset).map_err(io)?;
-        checksum = verify_frame(&buf, &header, checksum).map_err(|reason| WalError::BadFrame {
+        if frame >= chunk_first + chunk_frames {
+            chunk_first = frame;
+            chunk_frames = READ_FRAMES.min(end - frame + 1);
+            let offset = HEADER_LEN + u64::from(frame - 1) * header.frame_len();
+            file.read_exact_at(&mut chunk[..frame_len * chunk_frames as usize], offset)
+                .map_err(io)?;
+        }
+        let at = (frame - chunk_first) as usize * frame_len;
+        let buf = &chunk[at..at + frame_len];
+        checksum = verify_frame(buf, &header, checksum).map_err(|reason| WalError::BadFrame {
             path: path.to_path_buf(),
             frame,
             reason,
         })?;
-        let (pgno, data) = (be32(&buf), &buf[FRAME_HEADER_LEN as usize..]);
+        let (pgno, data) = (be32(buf), &buf[FRAME_HEADER_LEN as usize..]);
         sink(WalEvent::Page { pgno, data }).map_err(|m| sink_failed(frame, m))?;
         let db_pages = be32(&buf[4..]);
         if db_pages != 0 {

@@ -13,6 +13,14 @@ use crate::replicator::segment::{SegmentHeader, SegmentWriter};
 use crate::replicator::source::{Pumped, Source, SourceError};
 use crate::replicator::wal::WalEvent;
 
+/// What [`Output::snapshot`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stored {
+    Snapshot,
+    /// Asked for a new generation's base, it found the database equal to the saved state.
+    Unchanged,
+}
+
 /// The segment being written.
 #[derive(Debug)]
 pub(super) struct Open {
@@ -94,10 +102,11 @@ impl Output {
         match event {
             WalEvent::Page { pgno, data } => {
                 open.in_txn = true;
+                let offset = open.writer.page(pgno, data)?;
                 if let Some(map) = &mut self.map {
-                    map.page(pgno, data);
+                    map.page(pgno, offset);
                 }
-                open.writer.page(pgno, data)
+                Ok(())
             }
             WalEvent::Commit { db_pages, .. } => {
                 let now = now_ns()
@@ -199,13 +208,13 @@ impl Output {
             first_unix_ns,
             last_unix_ns,
         };
-        self.add(kind, &open.path)?;
         if let Some(map) = &mut self.map
-            && let Err(e) = map.seal(first, last)
+            && let Err(e) = map.seal(first, last, &open.path)
         {
             tracing::warn!(error = %e, "page map dropped; the next break takes a full snapshot");
             self.map = None;
         }
+        self.add(kind, &open.path)?;
         self.state.next_txid = last + 1;
         self.state.last_commit_unix_ns = last_unix_ns;
         self.state.cursor = source.cursor().map(Into::into);
@@ -215,14 +224,15 @@ impl Output {
 
     /// Copies the database as of the pin into the outbox as a snapshot after `txid`. A new
     /// generation's base is a delta on the previous generation when the page map knows what the
-    /// store restores of it and less than half the pages changed.
+    /// store restores of it and less than half the pages changed; when nothing changed at all,
+    /// nothing is stored and [`Stored::Unchanged`] tells the caller to go on with the old one.
     pub(super) fn snapshot(
         &mut self,
         source: &Source,
         txid: u64,
         committed_unix_ns: i64,
         new_generation: Option<NewGeneration>,
-    ) -> Result<()> {
+    ) -> Result<Stored> {
         let (file, path) = self.cache.scratch("snapshot.db")?;
         drop(file);
         std::fs::remove_file(&path).map_err(io("prepare", &path))?;
@@ -231,6 +241,14 @@ impl Output {
         let hashes = pagemap::hash_file(&path, page_size).map_err(io("read", &path))?;
         let db_pages = u32::try_from(hashes.len()).unwrap_or(u32::MAX);
         let map = new_generation.as_ref().and_then(|_| self.map.take());
+        if map
+            .as_ref()
+            .is_some_and(|m| m.hashes() == hashes.as_slice())
+        {
+            std::fs::remove_file(&path).map_err(io("remove", &path))?;
+            self.map = map;
+            return Ok(Stored::Unchanged);
+        }
         let delta = match map {
             Some(map) => self.delta(&map, &path, &hashes, committed_unix_ns)?,
             None => None,
@@ -270,7 +288,7 @@ impl Output {
         self.map = PageMap::create(&dir, &generation, root, txid, page_size, hashes)
             .inspect_err(|e| tracing::warn!(error = %e, "cannot keep a page map"))
             .ok();
-        Ok(())
+        Ok(Stored::Snapshot)
     }
 
     /// Writes the pages of `snapshot` that differ from what `map` says a restore of the

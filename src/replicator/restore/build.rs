@@ -17,6 +17,9 @@ use crate::replicator::segment::{self, Flow, SegmentEvent, SegmentHeader, TxnInf
 use crate::store::ObjectStore;
 use crate::util::error_chain;
 
+/// Snapshot pages decompressed and written with one call.
+const RUN_PAGES: usize = 256;
+
 /// The 16 bytes every SQLite database file starts with.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
@@ -218,28 +221,31 @@ impl Builder {
         };
         verify(f, s)?;
         let mut input = decompress(&f.path)?;
-        let mut page = vec![0u8; self.page_size as usize];
+        // Pages are contiguous: written RUN_PAGES at a time.
+        let page_size = self.page_size as usize;
+        let mut run = vec![0u8; page_size * RUN_PAGES];
         let mut pages = 0u32;
         loop {
-            let n = read_full(&mut input, &mut page)
+            let n = read_full(&mut input, &mut run)
                 .map_err(|e| corrupt(format!("cannot decompress: {}", error_chain(&e))))?;
             if n == 0 {
                 break;
             }
-            if n < page.len() {
-                return Err(corrupt(format!("ends inside page {}", pages + 1)));
+            let whole = u32::try_from(n / page_size).expect("a run is a few hundred pages");
+            if n % page_size != 0 {
+                return Err(corrupt(format!("ends inside page {}", pages + whole + 1)));
             }
             if pages == 0 {
-                check_first_page(&page, self.page_size).map_err(corrupt)?;
+                check_first_page(&run[..page_size], self.page_size).map_err(corrupt)?;
             }
-            if pages >= s.db_pages {
+            if pages + whole > s.db_pages {
                 return Err(corrupt(format!(
                     "holds more than the {} pages the manifest says",
                     s.db_pages
                 )));
             }
-            pages += 1;
-            self.out.page(pages, &page)?;
+            self.out.pages(pages + 1, &run[..n])?;
+            pages += whole;
         }
         if pages != s.db_pages || pages == 0 {
             return Err(corrupt(format!(
