@@ -6,6 +6,7 @@
 //! `{digest}.tar.zst` and `{digest}.meta.json`.
 
 mod error;
+pub mod follow;
 mod growing;
 mod local;
 mod s3;

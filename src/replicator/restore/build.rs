@@ -14,7 +14,8 @@ use super::{RestoreError, Result, Scratch, store_error};
 use crate::replicator::apply::{ApplyError, PageFile};
 use crate::replicator::manifest::{self, MANIFEST_KEY, SegmentEntry, Snapshot};
 use crate::replicator::segment::{self, Flow, SegmentEvent, SegmentHeader, TxnInfo};
-use crate::store::ObjectStore;
+use crate::store::follow::{EndOnDrop, Follow, FollowReader};
+use crate::store::{ObjectStore, PrefixReady};
 use crate::util::error_chain;
 
 /// Snapshot pages decompressed and written with one call.
@@ -48,7 +49,10 @@ struct Fetched {
     object: Object,
     key: String,
     path: PathBuf,
+    /// Unknown (0) while `follow` is set.
     size: u64,
+    /// Set while the download is still filling `path` in.
+    follow: Option<Arc<Follow>>,
 }
 
 /// Downloads each stage's snapshot and segments, several at once, and applies them strictly in
@@ -77,6 +81,34 @@ pub(super) async fn build(
         }
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Fetched>(1);
+    // The first object, the full snapshot and by far the biggest, is applied (hashed,
+    // decompressed, written) while it downloads; it is verified once complete.
+    let (stage0, key0, object0) = objects.remove(0);
+    let path0 = scratch.dir.join("snapshot.zst");
+    let follow = Arc::new(Follow::default());
+    let _unblock = EndOnDrop(Arc::clone(&follow));
+    tx.send(Fetched {
+        stage: stage0,
+        object: object0,
+        key: key0.clone(),
+        path: path0.clone(),
+        size: 0,
+        follow: Some(Arc::clone(&follow)),
+    })
+    .await
+    .expect("the applier takes the first object");
+    let snapshot_download = {
+        let (store, follow) = (Arc::clone(&store), Arc::clone(&follow));
+        async move {
+            let ready: PrefixReady = {
+                let follow = Arc::clone(&follow);
+                Arc::new(move |n| follow.ready(n))
+            };
+            let got = store.download_following(&key0, &path0, ready, None).await;
+            follow.end(got.as_ref().ok().copied());
+            got.map_err(|e| store_error(&key0, e))
+        }
+    };
     let db = scratch.db.clone();
     let plans: Vec<Plan> = stages.into_iter().map(|s| s.plan).collect();
     let applier = tokio::task::spawn_blocking(move || {
@@ -95,6 +127,7 @@ pub(super) async fn build(
     let downloads = async move {
         let mut fetched = stream::iter(objects.into_iter().enumerate())
             .map(|(n, (stage, key, object))| {
+                let n = n + 1;
                 fetch(&*store, stage, object, key, dir.join(format!("{n}.zst")))
             })
             .buffered(parallelism);
@@ -114,12 +147,14 @@ pub(super) async fn build(
         }
         Ok::<_, RestoreError>(bytes)
     };
-    let (downloaded, applied) = tokio::join!(downloads, applier);
+    let (snapshot_bytes, downloaded, applied) = tokio::join!(snapshot_download, downloads, applier);
+    // A failed download is what a reader of its half file then trips over: report it first.
+    let snapshot_bytes = snapshot_bytes?;
     let built = applied.map_err(|source| RestoreError::Task {
         path: scratch.db.clone(),
         source,
     })??;
-    let downloaded = downloaded?;
+    let downloaded = downloaded? + snapshot_bytes;
     match built.stop {
         Stop::Txid(txid) if txid == built.at.txid => Ok((built.out, built.at, downloaded)),
         stop => Err(RestoreError::Corrupt {
@@ -145,6 +180,7 @@ async fn fetch(
         .map_err(|e| store_error(&key, e))?;
     Ok(Fetched {
         stage,
+        follow: None,
         object,
         key,
         path,
@@ -219,8 +255,50 @@ impl Builder {
             key: f.key.clone(),
             reason,
         };
-        verify(f, s)?;
-        let mut input = decompress(&f.path)?;
+        let pages = match &f.follow {
+            None => {
+                verify(f, s)?;
+                self.snapshot_pages(decompress(&f.path)?, s, &corrupt)?
+            }
+            Some(follow) => {
+                let mut hashing = HashingReader {
+                    inner: FollowReader::new(f.path.clone(), Arc::clone(follow)),
+                    hash: Sha256::new(),
+                    len: 0,
+                };
+                let input = zstd::stream::read::Decoder::new(&mut hashing).map_err(|source| {
+                    RestoreError::Io {
+                        op: "decompress",
+                        path: f.path.clone(),
+                        source,
+                    }
+                })?;
+                let pages = self.snapshot_pages(input, s, &corrupt);
+                // Whatever follows the compressed data still counts for size and digest; when
+                // decoding failed, a digest that differs says why.
+                std::io::copy(&mut hashing, &mut std::io::sink())
+                    .map_err(|e| corrupt(format!("cannot read: {}", error_chain(&e))))?;
+                let sha256 = hex::encode(hashing.hash.finalize());
+                if hashing.len != s.size || !sha256.eq_ignore_ascii_case(&s.sha256) {
+                    return Err(corrupt(format!(
+                        "{} bytes with sha256 {sha256}; the manifest says {} bytes with {}",
+                        hashing.len, s.size, s.sha256
+                    )));
+                }
+                pages?
+            }
+        };
+        self.out.commit(pages)?;
+        Ok(())
+    }
+
+    /// Writes a snapshot's pages from its decompressed bytes; returns how many there were.
+    fn snapshot_pages(
+        &mut self,
+        mut input: impl Read,
+        s: &Snapshot,
+        corrupt: &dyn Fn(String) -> RestoreError,
+    ) -> Result<u32> {
         // Pages are contiguous: written RUN_PAGES at a time.
         let page_size = self.page_size as usize;
         let mut run = vec![0u8; page_size * RUN_PAGES];
@@ -253,8 +331,7 @@ impl Builder {
                 s.db_pages
             )));
         }
-        self.out.commit(pages)?;
-        Ok(())
+        Ok(pages)
     }
 
     /// Checks the object's size and SHA-256, then writes its pages over the parent's state:
@@ -471,6 +548,22 @@ fn decompress(path: &Path) -> Result<zstd::stream::read::Decoder<'static, BufRea
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Counts and hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
 }
 
 /// Fills `buf` unless the input ends first; returns how much was read.
