@@ -250,7 +250,9 @@ if want tput; then
     "$WRITER_BIN" throughput "$d/app.db" 0 >/dev/null   # creates the table, WAL mode
     if [ "$mode" = with ]; then
       config "tput-$r" local
-      replicate "tput-$r" "$d/app.db"
+      # The barrier's hold times come from the replicator's debug line for each release.
+      BENCH_RUST_LOG=${BENCH_RUST_LOG:-info,zlayer_storage::replicator::source=debug} \
+        replicate "tput-$r" "$d/app.db"
       pid=$REP_PID
       c0=$(cpu_of "$pid")
     fi
@@ -305,6 +307,18 @@ if want tput; then
     "worst round $(calc "round($worst_p99 / 1000, 3)") ms"
   verdict "stalls (commits > 5 ms) p99 with replicator ≤ 20 ms" "$(calc "$worst_stall <= 20")" \
     "worst round $worst_stall ms, max $(calc "round($worst_max / 1000, 1)") ms; without the replicator [${without_stall[*]}] ms"
+  # The write lock the replicator itself holds (its barriers), apart from the app's own checkpoints.
+  holds=$(cat "$work"/tput-*.log | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'held_us=[0-9]*' | cut -d= -f2 | sort -n)
+  if [ -n "$holds" ]; then
+    read -r n_holds p50_hold p99_hold max_hold < <(awk '{v[NR]=$1} END {
+      i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+      printf "%d %.1f %.1f %.1f\n", NR, v[i50] / 1000, v[i99] / 1000, v[NR] / 1000 }' <<<"$holds")
+    echo "  write barrier holds (all rounds): $n_holds, p50 $p50_hold ms, p99 $p99_hold ms, max $max_hold ms"
+    verdict "write-lock holds the replicator causes (barriers) p99 ≤ 20 ms" "$(calc "$p99_hold <= 20")" \
+      "p99 $p99_hold ms over $n_holds barriers"
+  else
+    echo "  write barrier holds: none logged"
+  fi
 fi
 
 # ============================================================================================
