@@ -96,28 +96,40 @@ impl PageFile {
         result
     }
 
-    fn install_inner(self, dest: &Path, check: bool, force: bool) -> Result<()> {
-        self.file.sync_all().map_err(io("sync", &self.path))?;
-        drop(self.file);
-        let path = self.path;
-        let conn = rusqlite::Connection::open(&path).map_err(sqlite(&path))?;
+    /// Opens the built file with SQLite and, when `check`, runs `PRAGMA integrity_check`.
+    fn check(path: &Path, check: bool) -> Result<rusqlite::Connection> {
+        let conn = rusqlite::Connection::open(path).map_err(sqlite(path))?;
         if check {
             // Reading through a mapping makes the check about a third faster (measured on a
             // 207 MB database); SQLite caps the size at its own maximum.
-            let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
+            let len = std::fs::metadata(path).map_err(io("stat", path))?.len();
             conn.execute_batch(&format!("PRAGMA mmap_size={len}"))
-                .map_err(sqlite(&path))?;
+                .map_err(sqlite(path))?;
             let report: Vec<String> = conn
                 .prepare("PRAGMA integrity_check")
                 .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
-                .map_err(sqlite(&path))?;
+                .map_err(sqlite(path))?;
             if report != ["ok"] {
                 return Err(ApplyError::Integrity {
-                    path,
+                    path: path.to_path_buf(),
                     report: report.join("; "),
                 });
             }
         }
+        Ok(conn)
+    }
+
+    fn install_inner(self, dest: &Path, check: bool, force: bool) -> Result<()> {
+        // The file is complete: its sync (disk-bound) runs beside the check (CPU-bound), and
+        // both must succeed before anything is moved into place.
+        let (file, path) = (self.file, self.path);
+        let syncing = std::thread::spawn(move || file.sync_all());
+        let checked = Self::check(&path, check);
+        let synced = syncing
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the sync thread panicked")));
+        synced.map_err(io("sync", &path))?;
+        let conn = checked?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(sqlite(&path))?;

@@ -18,6 +18,10 @@ use crate::store::follow::{EndOnDrop, Follow, FollowReader};
 use crate::store::{ObjectStore, PrefixReady};
 use crate::util::error_chain;
 
+/// Downloads in flight or waiting on disk per unit of parallelism (segments are small: many
+/// are fetched while the snapshot is applied).
+const PREFETCH: usize = 4;
+
 /// Snapshot pages decompressed and written with one call.
 const RUN_PAGES: usize = 256;
 
@@ -125,12 +129,24 @@ pub(super) async fn build(
     });
     let dir = scratch.dir.clone();
     let downloads = async move {
+        // Each download is a task of its own, so it goes on while this loop waits for the
+        // applier (still busy with the snapshot): the next objects are on disk by then.
         let mut fetched = stream::iter(objects.into_iter().enumerate())
             .map(|(n, (stage, key, object))| {
-                let n = n + 1;
-                fetch(&*store, stage, object, key, dir.join(format!("{n}.zst")))
+                let (store, path) = (Arc::clone(&store), dir.join(format!("{}.zst", n + 1)));
+                let task =
+                    tokio::spawn(async move { fetch(&*store, stage, object, key, path).await });
+                let abort = AbortOnDrop(task.abort_handle());
+                async move {
+                    let _abort = abort;
+                    task.await.map_err(|e| RestoreError::Io {
+                        op: "download",
+                        path: PathBuf::from("(restore task)"),
+                        source: std::io::Error::other(e),
+                    })?
+                }
             })
-            .buffered(parallelism);
+            .buffered(parallelism * PREFETCH);
         let mut bytes = 0;
         loop {
             let f = tokio::select! {
@@ -174,8 +190,9 @@ async fn fetch(
     key: String,
     path: PathBuf,
 ) -> Result<Fetched> {
+    // A scratch file verified before use: no fsync (which `download_to_file` does).
     let size = store
-        .download_to_file(&key, &path, None)
+        .download_following(&key, &path, Arc::new(|_| {}), None)
         .await
         .map_err(|e| store_error(&key, e))?;
     Ok(Fetched {
@@ -548,6 +565,15 @@ fn decompress(path: &Path) -> Result<zstd::stream::read::Decoder<'static, BufRea
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Stops a download task once nobody waits for it (the restore failed or was dropped).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Counts and hashes what is read through it.
