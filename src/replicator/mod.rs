@@ -13,6 +13,7 @@ pub mod cache;
 pub mod control;
 pub mod engine;
 mod handle;
+pub mod journal;
 pub mod manifest;
 pub mod pagemap;
 pub mod restore;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::{EngineConfig, MAX_SEGMENT, Result, Shared, io, now_ms, now_ns};
 use crate::replicator::cache::{Cache, Item, ItemKind, LocalState, NewGeneration};
+use crate::replicator::journal::{Journal, TailMeta};
 use crate::replicator::manifest::{self, Parent};
 use crate::replicator::pagemap::{self, PageHash, PageMap, Root};
 use crate::replicator::segment::{SegmentHeader, SegmentWriter};
@@ -14,7 +15,14 @@ use crate::replicator::source::{Pumped, Source, SourceError};
 use crate::replicator::wal::WalEvent;
 
 /// zstd level of segments at most (snapshots take the configured one).
-const SEGMENT_LEVEL: i32 = 1;
+pub(super) const SEGMENT_LEVEL: i32 = 1;
+
+/// A segment file ended but not yet in the outbox (see [`Output::read_tail`]).
+#[derive(Debug)]
+pub(super) struct Finished {
+    path: PathBuf,
+    meta: TailMeta,
+}
 
 /// What [`Output::snapshot`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +59,25 @@ pub(super) struct Output {
     /// Set when transactions read could not be kept (a segment had to be dropped): the history
     /// must restart from the database itself.
     pub(super) broken: Option<&'static str>,
+    /// Where a barrier's tail goes durable fast (`None`: it could not be opened).
+    pub(super) journal: Option<Journal>,
 }
 
 impl Output {
     /// Reads everything published and cuts it into the outbox (under a barrier: up to the WAL's
     /// end, with the pin there). A break in continuity is returned, not acted on.
     pub(super) fn read_all(&mut self, src: &mut Source) -> Result<Option<&'static str>> {
-        // Pumps are bounded: go on until the published end (under a barrier it stays put), so
-        // that the pin, and a snapshot taken through it, is exactly at the cursor.
+        if let Some(reason) = self.read_to_end(src)? {
+            return Ok(Some(reason));
+        }
+        self.seal(src)?;
+        Ok(None)
+    }
+
+    /// Pumps until the published end (under a barrier it stays put), so that the pin, and a
+    /// snapshot taken through it, is exactly at the cursor; what is read stays in the open
+    /// segment. A break in continuity is returned, not acted on.
+    pub(super) fn read_to_end(&mut self, src: &mut Source) -> Result<Option<&'static str>> {
         loop {
             let pumped = src.pump(&mut self.sink());
             self.after_pump(&pumped)?;
@@ -66,12 +85,10 @@ impl Output {
                 return Ok(Some(reason));
             }
             if !src.behind() {
-                break;
+                return Ok(None);
             }
             self.seal_if_full(src)?;
         }
-        self.seal(src)?;
-        Ok(None)
     }
 
     /// Where WAL events go: pages and commits into the open segment.
@@ -188,7 +205,7 @@ impl Output {
 
     /// Cuts the open segment into the outbox and moves the saved state past it.
     pub(super) fn seal(&mut self, source: &Source) -> Result<()> {
-        let Some(open) = self.open.take() else {
+        if self.open.is_none() {
             // No transaction, but the WAL may have restarted: keep the saved position current
             // so that a restart resumes in the new lifetime instead of seeing a break.
             let cursor = source.cursor().map(Into::into);
@@ -197,14 +214,44 @@ impl Output {
                 self.save()?;
             }
             return Ok(());
+        }
+        let finished = self.finish_open(source)?.expect("a segment is open");
+        self.commit_finished(finished)
+    }
+
+    /// Ends the open segment's file (not yet in the outbox).
+    fn finish_open(&mut self, source: &Source) -> Result<Option<Finished>> {
+        let Some(open) = self.open.take() else {
+            return Ok(None);
         };
         debug_assert!(!open.in_txn, "sealed with a transaction half read");
-        let last = open.writer.next_txid() - 1;
-        let (first, first_unix_ns, last_unix_ns) =
-            (open.first, open.first_unix_ns, open.last_unix_ns);
+        let meta = TailMeta {
+            generation: self.state.generation.clone(),
+            first: open.first,
+            last: open.writer.next_txid() - 1,
+            first_unix_ns: open.first_unix_ns,
+            last_unix_ns: open.last_unix_ns,
+            cursor: source.cursor().map(Into::into),
+        };
         open.writer
             .finish()
             .map_err(io("finish segment", &open.path))?;
+        Ok(Some(Finished {
+            path: open.path,
+            meta,
+        }))
+    }
+
+    /// Puts a finished segment into the outbox and moves the saved state past it.
+    pub(super) fn commit_finished(&mut self, f: Finished) -> Result<()> {
+        let TailMeta {
+            first,
+            last,
+            first_unix_ns,
+            last_unix_ns,
+            cursor,
+            ..
+        } = f.meta;
         let kind = ItemKind::Segment {
             first,
             last,
@@ -212,17 +259,47 @@ impl Output {
             last_unix_ns,
         };
         if let Some(map) = &mut self.map
-            && let Err(e) = map.seal(first, last, &open.path)
+            && let Err(e) = map.seal(first, last, &f.path)
         {
             tracing::warn!(error = %e, "page map dropped; the next break takes a full snapshot");
             self.map = None;
         }
-        self.add(kind, &open.path)?;
+        self.add(kind, &f.path)?;
         self.state.next_txid = last + 1;
         self.state.last_commit_unix_ns = last_unix_ns;
-        self.state.cursor = source.cursor().map(Into::into);
+        self.state.cursor = cursor;
         self.save()?;
         Ok(())
+    }
+
+    /// Under a barrier: reads to the published end, then makes what is unsealed durable in the
+    /// tail journal (one `fdatasync`) rather than the outbox; the caller commits the returned
+    /// segment once the barrier is released. Without a journal, or for a tail too big for it,
+    /// the segment is sealed the usual way at once (`None`).
+    pub(super) fn read_tail(
+        &mut self,
+        src: &mut Source,
+    ) -> Result<(Option<&'static str>, Option<Finished>)> {
+        if let Some(reason) = self.read_to_end(src)? {
+            return Ok((Some(reason), None));
+        }
+        let Some(finished) = self.finish_open(src)? else {
+            self.seal(src)?;
+            return Ok((None, None));
+        };
+        let journalled = match &self.journal {
+            Some(j) => j.write(&finished.meta, &finished.path).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "tail journal unusable; sealing under the barrier");
+                false
+            }),
+            None => false,
+        };
+        if journalled {
+            Ok((None, Some(finished)))
+        } else {
+            self.commit_finished(finished)?;
+            Ok((None, None))
+        }
     }
 
     /// Copies the database as of the pin into the outbox as a snapshot after `txid`. A new
