@@ -694,7 +694,11 @@ mod tests {
         assert_eq!((state.next_txid, state.next_item), (7, 4));
         assert_eq!(state.last_commit_unix_ns, 11);
         let saved = cache.load_state().unwrap().unwrap();
-        assert_eq!((saved.next_txid, saved.next_item), (7, 4), "saved: {saved:?}");
+        assert_eq!(
+            (saved.next_txid, saved.next_item),
+            (7, 4),
+            "saved: {saved:?}"
+        );
         let items = cache.items().unwrap();
         let item = items.last().unwrap();
         assert_eq!(item.number, 3);
