@@ -143,6 +143,17 @@ async fn a_database_written_while_replicated_is_restored_elsewhere_equal_and_con
     same(&rows(&pit), &rows(&db)[..151]);
 }
 
+/// A replicator of `db` (cache "cache"), started and flushed once.
+async fn started(s: &Setup, db: &Path) -> SqliteReplicator {
+    let r = SqliteReplicator::with_options(s.config(db, "cache"), &s.storage, Setup::options())
+        .await
+        .unwrap();
+    r.start().await.unwrap();
+    wait_running(&r).await;
+    r.flush().await.unwrap();
+    r
+}
+
 async fn wait_running(r: &SqliteReplicator) {
     for _ in 0..200 {
         if r.status().running {
@@ -232,16 +243,7 @@ async fn a_checkpoint_made_while_the_replicator_was_down_ships_only_the_changed_
          COMMIT;",
     )
     .unwrap();
-    let start = || async {
-        let r =
-            SqliteReplicator::with_options(s.config(&db, "cache"), &s.storage, Setup::options())
-                .await
-                .unwrap();
-        r.start().await.unwrap();
-        wait_running(&r).await;
-        r.flush().await.unwrap();
-        r
-    };
+    let start = || started(&s, &db);
     let r = start().await;
     // Transactions read from the WAL (the map follows them): rewrites, growth, a VACUUM that
     // shrinks the file.
@@ -360,13 +362,7 @@ async fn changes_checkpointed_away_while_the_replicator_was_down_are_not_missed(
          INSERT INTO t(v) SELECT randomblob(500) FROM n;",
     );
     let cycle = || async {
-        let r =
-            SqliteReplicator::with_options(s.config(&db, "cache"), &s.storage, Setup::options())
-                .await
-                .unwrap();
-        r.start().await.unwrap();
-        wait_running(&r).await;
-        r.flush().await.unwrap();
+        let r = started(&s, &db).await;
         let m = r.manifest().await.unwrap().unwrap();
         r.stop(Duration::from_secs(10)).await.unwrap();
         m

@@ -395,12 +395,7 @@ impl Builder {
             key: f.key.clone(),
             reason,
         };
-        if f.size != e.size {
-            return Err(corrupt(format!(
-                "{} bytes; the manifest says {}",
-                f.size, e.size
-            )));
-        }
+        check_size(f, e.size)?;
         let limit = match self.stop {
             Stop::Txid(txid) => txid,
             Stop::Time { unix_ns, .. } if e.last_unix_ns <= unix_ns => e.last,
@@ -508,18 +503,24 @@ fn decode_with(
     })
 }
 
+/// A downloaded object must have the size the manifest gives it.
+fn check_size(f: &Fetched, expected: u64) -> Result<()> {
+    if f.size == expected {
+        return Ok(());
+    }
+    Err(RestoreError::Corrupt {
+        key: f.key.clone(),
+        reason: format!("{} bytes; the manifest says {expected}", f.size),
+    })
+}
+
 /// A snapshot object must have the manifest's size and SHA-256.
 fn verify(f: &Fetched, s: &Snapshot) -> Result<()> {
     let corrupt = |reason: String| RestoreError::Corrupt {
         key: f.key.clone(),
         reason,
     };
-    if f.size != s.size {
-        return Err(corrupt(format!(
-            "{} bytes; the manifest says {}",
-            f.size, s.size
-        )));
-    }
+    check_size(f, s.size)?;
     let mut hash = Sha256::new();
     std::io::copy(&mut open(&f.path)?, &mut hash).map_err(|source| RestoreError::Io {
         op: "read",
