@@ -463,13 +463,29 @@ impl Engine {
             let mut pending = None;
             let result = self.source.with_barrier(|src| {
                 let started = Instant::now();
-                let (broke, tail) = out.read_tail(src)?;
-                pending = tail;
+                let (broke, mut tail) = out.read_tail(src)?;
                 if broke.is_some() {
                     return Ok::<_, EngineError>(broke);
                 }
                 let read = started.elapsed();
-                let done = src.checkpoint()?;
+                // The journal's fdatasync runs beside SQLite's backfill (and its two fsyncs):
+                // the tail must be durable only before the re-pin lets the WAL restart.
+                let journal = out.journal.as_ref();
+                let (synced, done) = std::thread::scope(|s| {
+                    let sync = tail.as_ref().and(journal).map(|j| s.spawn(|| j.sync()));
+                    let done = src.checkpoint();
+                    let synced =
+                        sync.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                    (synced, done)
+                });
+                if let Some(Err(e)) = synced {
+                    tracing::warn!(error = %e, "tail journal unusable; sealing under the barrier");
+                    if let Some(t) = tail.take() {
+                        out.commit_finished(t)?;
+                    }
+                }
+                pending = tail;
+                let done = done?;
                 let copied = started.elapsed() - read;
                 tracing::debug!(?done, ?read, ?copied, "barrier checkpoint");
                 // Re-pin on the backfilled WAL (nothing new: writers are held off; the saved
@@ -672,7 +688,8 @@ mod tests {
             cursor: None,
         };
         let journal = Journal::open(cache.dir()).unwrap();
-        assert!(journal.write(&meta, &seg).unwrap());
+        assert!(journal.record(&meta, &seg).unwrap());
+        journal.sync().unwrap();
 
         // A record that does not continue the state is left alone.
         for other in [

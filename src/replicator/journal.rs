@@ -4,8 +4,8 @@
 //! item plus a saved state that is five fsyncs of new files and directories, each waiting for a
 //! filesystem journal commit while the app's writers are held off. Instead the tail segment and
 //! where it ends go into this file, written in place over zeros laid down once (no allocation, no
-//! size change: `fdatasync` then flushes data only); the item and the state follow right after
-//! the barrier. A start finds a record that continues the saved state exactly (same generation,
+//! size change: `fdatasync` then flushes data only), synced while SQLite backfills; the item and
+//! the state follow right after the barrier. A start finds a record that continues the saved state exactly (same generation,
 //! first transaction = the next one) and turns it into the item the crash prevented.
 //!
 //! Layout at offset 0: `"ZLTAIL01" meta_len:u32 data_len:u64 sha256(meta ‖ data):[u8;32] meta
@@ -95,9 +95,10 @@ impl Journal {
         Ok(Self { file, path })
     }
 
-    /// Records `meta` and the finished segment file `segment`; durable when this returns
-    /// `Ok(true)`. `Ok(false)`: too big for the journal (nothing written).
-    pub fn write(&self, meta: &TailMeta, segment: &Path) -> Result<bool> {
+    /// Records `meta` and the finished segment file `segment`, durable once [`Journal::sync`]
+    /// returns (apart so that the sync can run beside SQLite's backfill). `Ok(false)`: too big
+    /// for the journal (nothing written).
+    pub fn record(&self, meta: &TailMeta, segment: &Path) -> Result<bool> {
         let io = |op, path: &Path| {
             let path = path.to_path_buf();
             move |source| JournalError::Io { op, path, source }
@@ -141,8 +142,16 @@ impl Journal {
         self.file
             .write_all_at(&head, 0)
             .map_err(io("write", &self.path))?;
-        self.file.sync_data().map_err(io("sync", &self.path))?;
         Ok(true)
+    }
+
+    /// Makes the last record durable: data only, as the file never changes size.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|source| JournalError::Io {
+            op: "sync",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// The record in `dir`'s journal, if there is an intact one.
@@ -205,7 +214,8 @@ mod tests {
         );
         let seg = dir.path().join("seg");
         std::fs::write(&seg, b"segment bytes, long enough").unwrap();
-        assert!(j.write(&meta(7), &seg).unwrap());
+        assert!(j.record(&meta(7), &seg).unwrap());
+        j.sync().unwrap();
         let (m, data) = Journal::read(dir.path()).unwrap().unwrap();
         assert_eq!(
             (m, data.as_slice()),
@@ -215,7 +225,7 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
         std::fs::write(&seg, b"short").unwrap();
-        assert!(j.write(&meta(10), &seg).unwrap());
+        assert!(j.record(&meta(10), &seg).unwrap());
         let (m, data) = Journal::read(dir.path()).unwrap().unwrap();
         assert_eq!((m.first, data.as_slice()), (10, &b"short"[..]));
         // A torn record is no record.
@@ -232,7 +242,7 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let seg = dir.path().join("seg");
         std::fs::write(&seg, vec![1u8; CAPACITY as usize]).unwrap();
-        assert!(!j.write(&meta(1), &seg).unwrap());
+        assert!(!j.record(&meta(1), &seg).unwrap());
         assert_eq!(Journal::read(dir.path()).unwrap(), None);
     }
 }

@@ -272,10 +272,11 @@ impl Output {
         Ok(())
     }
 
-    /// Under a barrier: reads to the published end, then makes what is unsealed durable in the
-    /// tail journal (one `fdatasync`) rather than the outbox; the caller commits the returned
-    /// segment once the barrier is released. Without a journal, or for a tail too big for it,
-    /// the segment is sealed the usual way at once (`None`).
+    /// Under a barrier: reads to the published end, then records what is unsealed in the tail
+    /// journal rather than the outbox. The caller makes it durable ([`Journal::sync`]) before
+    /// the WAL may restart and commits the returned segment once the barrier is released.
+    /// Without a journal, or for a tail too big for it, the segment is sealed the usual way at
+    /// once (`None`).
     pub(super) fn read_tail(
         &mut self,
         src: &mut Source,
@@ -288,10 +289,12 @@ impl Output {
             return Ok((None, None));
         };
         let journalled = match &self.journal {
-            Some(j) => j.write(&finished.meta, &finished.path).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "tail journal unusable; sealing under the barrier");
-                false
-            }),
+            Some(j) => j
+                .record(&finished.meta, &finished.path)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "tail journal unusable; sealing under the barrier");
+                    false
+                }),
             None => false,
         };
         if journalled {
