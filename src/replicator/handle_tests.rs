@@ -389,3 +389,69 @@ async fn changes_checkpointed_away_while_the_replicator_was_down_are_not_missed(
         .unwrap();
     same(&rows(&out), &rows(&db));
 }
+
+/// A segment that cannot be put into the outbox (here: a directory is where its data file
+/// goes, for a while) leaves transactions read but in no item. The history must break there: a restore of
+/// the latest state still equals the source, with no transaction skipped or misnumbered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_the_outbox_refused_breaks_the_history_instead_of_skipping_it() {
+    let s = Setup::new();
+    let db = s.dir.path().join("app.db");
+    let app = create(&db);
+    app.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
+        .unwrap();
+    let r = started(&s, &db).await;
+    for _ in 0..20 {
+        app.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .unwrap();
+    }
+    r.flush().await.unwrap();
+    // Directories where the next items' data files would go: moving a segment there fails.
+    let outbox = s.dir.path().join("cache/app/outbox");
+    assert!(outbox.is_dir(), "cache layout: {}", outbox.display());
+    let blocked: Vec<_> = (0..500u64)
+        .map(|n| outbox.join(format!("{n:016x}.zst")))
+        .filter(|p| !p.exists())
+        .collect();
+    for p in &blocked {
+        std::fs::create_dir(p).unwrap();
+    }
+    for _ in 0..20 {
+        app.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .unwrap();
+    }
+    // Long enough for the segment to be cut (and refused) at the 200 ms interval.
+    let mut refused = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The reading thread's error (the shipper may report the outbox first).
+        if r.status()
+            .last_error
+            .is_some_and(|e| e.contains("move into the outbox"))
+        {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the outbox never refused: {:?}", r.status());
+    for p in &blocked {
+        std::fs::remove_dir(p).unwrap();
+    }
+    for _ in 0..20 {
+        app.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .unwrap();
+    }
+    r.flush().await.unwrap();
+    let m = r.manifest().await.unwrap().unwrap();
+    assert_eq!(
+        m.generations.len(),
+        2,
+        "a new generation after the break: {m:?}"
+    );
+    let out = s.dir.path().join("restored.db");
+    r.restore_to(&out, &restore::RestoreOptions::default())
+        .await
+        .unwrap();
+    same(&rows(&out), &rows(&db));
+    assert_eq!(rows(&out).len(), 61);
+}

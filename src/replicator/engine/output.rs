@@ -242,8 +242,19 @@ impl Output {
         }))
     }
 
-    /// Puts a finished segment into the outbox and moves the saved state past it.
+    /// Puts a finished segment into the outbox and moves the saved state past it. When that
+    /// fails, its transactions are read (the cursor is past them) but in no item: the history
+    /// is broken, and the next pump starts a new generation rather than number later
+    /// transactions as if these never happened.
     pub(super) fn commit_finished(&mut self, f: Finished) -> Result<()> {
+        let r = self.try_commit_finished(f);
+        if r.is_err() {
+            self.broken = Some("a segment could not be put into the outbox");
+        }
+        r
+    }
+
+    fn try_commit_finished(&mut self, f: Finished) -> Result<()> {
         let TailMeta {
             first,
             last,
