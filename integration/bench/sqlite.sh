@@ -9,11 +9,12 @@
 # Env: ZLAYER_BIN (skip building the binary), WRITER_BIN (the sqlite_bench_writer example; by
 #      default next to ZLAYER_BIN in examples/, built when missing), GARAGE_BIN (default: garage
 #      on PATH or ~/.cargo/bin/garage), BENCH_DIR (parent of the scratch dir, default /tmp),
-#      BENCH_KEEP=1 (keep the scratch dir), BENCH_ONLY (subset of "tput lag idle resnap rss restore"),
+#      BENCH_KEEP=1 (keep the scratch dir), BENCH_ONLY (subset of "tput lag stall idle resnap rss restore"),
 #      BENCH_TPUT_SECS (8), BENCH_TPUT_ROUNDS (3; each = one run without and one with the
 #      replicator, order alternating), BENCH_APP_AUTOCHECKPOINT (app's wal_autocheckpoint;
 #      default SQLite's own, 1000),
-#      BENCH_LAG_SECS (20), BENCH_LAG_RATE (20 commits/s),
+#      BENCH_LAG_SECS (20), BENCH_LAG_RATE (20 commits/s), BENCH_STALL_RATE (2000 commits/s),
+#      BENCH_STALL_SECS (30),
 #      BENCH_IDLE_SECS (60), BENCH_RESNAP_ROWS (50000), BENCH_RSS_DBS (10), BENCH_RSS_SECS (20), BENCH_RSS_RATE (50 commits/s
 #      over all databases), BENCH_RSS_IDLE_SECS (20),
 #      BENCH_RESTORE_MB (200), BENCH_RESTORE_RUNS (3), BENCH_CHURN_SECS (5).
@@ -25,6 +26,8 @@
 #            tx/s outside them, the largest -wal, replicator CPU, catch-up time after the writer.
 # 2. lag     BENCH_LAG_RATE commits/s; a poller reads the local store's metadata.json every 5 ms
 #            and records when each txid is first covered by a stored segment; commit → durable.
+# 2b. stall BENCH_STALL_RATE single-row commits/s (a heavy app, below saturation) with the
+#            replicator: its write-barrier holds, p50/p99/max.
 # 3. idle    one database, Garage behind a counting HTTP proxy: requests and replicator CPU over
 #            BENCH_IDLE_SECS after a flush.
 # 3b. resnap a database replicated (local store), then 1 % of its rows rewritten and a TRUNCATE
@@ -50,7 +53,9 @@ for tool in python3 sqlite3 zstd curl openssl "$AWS"; do
 done
 GARAGE_BIN=${GARAGE_BIN:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
 
-ONLY=${BENCH_ONLY:-tput lag idle resnap rss restore}
+ONLY=${BENCH_ONLY:-tput lag stall idle resnap rss restore}
+STALL_RATE=${BENCH_STALL_RATE:-2000}
+STALL_SECS=${BENCH_STALL_SECS:-30}
 RESNAP_ROWS=${BENCH_RESNAP_ROWS:-50000}
 TPUT_SECS=${BENCH_TPUT_SECS:-8}
 TPUT_ROUNDS=${BENCH_TPUT_ROUNDS:-3}
@@ -232,6 +237,23 @@ stop_replicator() {
   wait "$1" || die "replicator $1 exited with $?"
 }
 cpu_of() { python3 "$TOOLS" cpu "$1"; }
+# report_holds LABEL LOG...: the replicator's write-barrier holds (its `write barrier released
+# held_us=…` debug lines): count, p50, p99, max, and the verdict on p99 ≤ 20 ms.
+report_holds() {
+  local label=$1; shift
+  local holds n p50 p99 max
+  holds=$(cat "$@" | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'held_us=[0-9]*' | cut -d= -f2 | sort -n || true)
+  if [ -z "$holds" ]; then
+    echo "  write barrier holds ($label): none logged"
+    return
+  fi
+  read -r n p50 p99 max < <(awk '{v[NR]=$1} END {
+    i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
+    printf "%d %.1f %.1f %.1f\n", NR, v[i50] / 1000, v[i99] / 1000, v[NR] / 1000 }' <<<"$holds")
+  echo "  write barrier holds ($label): $n, p50 $p50 ms, p99 $p99 ms, max $max ms"
+  verdict "write-lock holds the replicator causes (barriers, $label) p99 ≤ 20 ms" "$(calc "$p99 <= 20")" \
+    "p99 $p99 ms over $n barriers"
+}
 
 # ============================================================================================
 # 1. Write throughput with vs without the replicator
@@ -308,17 +330,7 @@ if want tput; then
   verdict "stalls (commits > 5 ms) p99 with replicator ≤ 20 ms" "$(calc "$worst_stall <= 20")" \
     "worst round $worst_stall ms, max $(calc "round($worst_max / 1000, 1)") ms; without the replicator [${without_stall[*]}] ms"
   # The write lock the replicator itself holds (its barriers), apart from the app's own checkpoints.
-  holds=$(cat "$work"/tput-*.log | sed 's/\x1b\[[0-9;]*m//g' | grep -o 'held_us=[0-9]*' | cut -d= -f2 | sort -n)
-  if [ -n "$holds" ]; then
-    read -r n_holds p50_hold p99_hold max_hold < <(awk '{v[NR]=$1} END {
-      i50 = int(NR * 0.50); if (i50 < 1) i50 = 1; i99 = int(NR * 0.99); if (i99 < 1) i99 = 1
-      printf "%d %.1f %.1f %.1f\n", NR, v[i50] / 1000, v[i99] / 1000, v[NR] / 1000 }' <<<"$holds")
-    echo "  write barrier holds (all rounds): $n_holds, p50 $p50_hold ms, p99 $p99_hold ms, max $max_hold ms"
-    verdict "write-lock holds the replicator causes (barriers) p99 ≤ 20 ms" "$(calc "$p99_hold <= 20")" \
-      "p99 $p99_hold ms over $n_holds barriers"
-  else
-    echo "  write barrier holds: none logged"
-  fi
+  report_holds "all rounds" "$work"/tput-*.log
 fi
 
 # ============================================================================================
@@ -354,6 +366,25 @@ if want lag; then
   p50=$(json p50_ms <<<"$res"); p99=$(json p99_ms <<<"$res")
   verdict "lag p50 ≤ 300 ms" "$(calc "$p50 <= 300")" "$p50 ms"
   verdict "lag p99 ≤ 1.5 s" "$(calc "$p99 <= 1500")" "$p99 ms"
+fi
+
+# ============================================================================================
+# 2b. Barrier holds under a heavy but paced writer
+# ============================================================================================
+if want stall; then
+  echo
+  echo "== 2b. write-lock holds at ${STALL_RATE} commits/s for ${STALL_SECS} s (local-directory store)"
+  d=$work/stall
+  mkdir -p "$d"
+  "$WRITER_BIN" throughput "$d/app.db" 0 >/dev/null
+  config stall local
+  BENCH_RUST_LOG=${BENCH_RUST_LOG:-info,zlayer_storage::replicator::source=debug} replicate stall "$d/app.db"
+  "$WRITER_BIN" paced "$d/commits" "$STALL_RATE" "$STALL_SECS" "$d/app.db" 2>/dev/null
+  flush stall "$d/app.db"
+  stop_replicator "$REP_PID"
+  n=$(wc -l <"$d/commits")
+  echo "  $n commits ($(calc "round($n / $STALL_SECS)")/s achieved)"
+  report_holds "${STALL_RATE}/s" "$work/stall.log"
 fi
 
 if needs_garage; then
