@@ -52,6 +52,9 @@ for tool in python3 sqlite3 zstd curl openssl "$AWS"; do
   command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
 done
 GARAGE_BIN=${GARAGE_BIN:-$(command -v garage || echo "$HOME/.cargo/bin/garage")}
+# The shared helpers: log, die, now_ns, free_port, wait_for (WAIT_PID), start_garage, s3_.
+# shellcheck source=integration/bench/lib.sh
+source "$REPO/integration/bench/lib.sh"
 
 ONLY=${BENCH_ONLY:-tput lag stall idle resnap rss restore}
 STALL_RATE=${BENCH_STALL_RATE:-2000}
@@ -113,26 +116,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log() { printf '%s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-now_ns() { date +%s%N; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # calc EXPR: python arithmetic for figures.
 calc() { python3 -c "import math; print($1)"; }
 json() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(d[sys.argv[1]])' "$1"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 verdict() { # verdict NAME MET(True/False) DETAIL
   if [ "$2" = True ]; then echo "target met:    $1 ($3)"; else echo "target missed: $1 ($3)"; fi
-}
-# wait_for SECS WHAT PID CMD...: retry CMD every 0.2 s while PID lives.
-wait_for() {
-  local secs=$1 what=$2 pid=$3; shift 3
-  local deadline=$(( $(date +%s) + secs ))
-  until "$@" >/dev/null 2>&1; do
-    kill -0 "$pid" 2>/dev/null || die "process for $what exited (see $work)"
-    (( $(date +%s) < deadline )) || die "timed out waiting for $what"
-    sleep 0.2
-  done
 }
 
 log "binary: $ZLAYER_BIN"
@@ -141,51 +130,13 @@ log "work dir: $work"
 echo "SQLite replication benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, $(uname -r), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "binary: $ZLAYER_BIN ($("$ZLAYER_BIN" version 2>/dev/null | head -1); tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown))"
 
-# --- Garage, single node on loopback (same recipe as integration/util/garage.rs) ---------------
-S3_PORT=
-start_garage() {
-  local g=$work/garage rpc admin
-  mkdir -p "$g/meta" "$g/data"
-  S3_PORT=$(free_port); rpc=$(free_port); admin=$(free_port)
-  cat >"$g/garage.toml" <<EOF
-metadata_dir = "$g/meta"
-data_dir = "$g/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:$rpc"
-rpc_public_addr = "127.0.0.1:$rpc"
-rpc_secret = "$(openssl rand -hex 32)"
-[s3_api]
-s3_region = "garage"
-api_bind_addr = "127.0.0.1:$S3_PORT"
-root_domain = ".s3.garage.localhost"
-[admin]
-api_bind_addr = "127.0.0.1:$admin"
-admin_token = "$(openssl rand -hex 16)"
-EOF
-  S3_KEY=GKzlayerbench0001
-  S3_SECRET=$(openssl rand -hex 20)
-  S3_BUCKET=bench
-  (umask 077 && printf '%s\n' "$S3_SECRET" >"$work/s3-secret")
-  GARAGE_DEFAULT_ACCESS_KEY=$S3_KEY GARAGE_DEFAULT_SECRET_KEY=$S3_SECRET GARAGE_DEFAULT_BUCKET=$S3_BUCKET \
-    RUST_LOG=warn "$GARAGE_BIN" -c "$g/garage.toml" server --single-node --default-bucket \
-    >"$g/garage.log" 2>&1 &
-  GARAGE_PID=$!
-  PIDS+=("$GARAGE_PID")
-  wait_for 60 garage "$GARAGE_PID" s3_ s3api head-bucket --bucket "$S3_BUCKET"
-}
-s3_() {
-  AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET AWS_DEFAULT_REGION=garage \
-    AWS_EC2_METADATA_DISABLED=true "$AWS" --endpoint-url "http://127.0.0.1:$S3_PORT" "$@"
-}
-
 # start_proxy NAME: counting proxy in front of Garage; sets PROXY_PORT, PROXY_LOG.
 start_proxy() {
   PROXY_LOG=$work/$1.requests
   : >"$PROXY_LOG"
   python3 "$TOOLS" proxy "$work/$1.port" "$S3_PORT" "$PROXY_LOG" 2>"$work/$1.proxy.err" &
   PIDS+=($!)
-  wait_for 10 "proxy $1" $! test -s "$work/$1.port"
+  WAIT_PID=$! wait_for 10 "proxy $1" test -s "$work/$1.port"
   PROXY_PORT=$(cat "$work/$1.port")
 }
 
@@ -227,7 +178,7 @@ replicate() {
   REP_PID=$!
   PIDS+=("$REP_PID")
   for db in "$@"; do
-    wait_for 60 "replicator $name" "$REP_PID" flush "$name" "$db"
+    WAIT_PID=$REP_PID wait_for 60 "replicator $name" flush "$name" "$db"
   done
 }
 flush() { "$ZLAYER_BIN" --config "$work/$1.toml" db flush --db "$2" --timeout 60 >/dev/null; }
@@ -388,8 +339,11 @@ if want stall; then
 fi
 
 if needs_garage; then
-  start_garage
-  log "garage on 127.0.0.1:$S3_PORT"
+  BENCH_DIR=$work start_garage   # lib.sh: Garage under $work/garage
+  PIDS+=("${BENCH_PIDS[@]}")
+  S3_PORT=${S3_ENDPOINT##*:}
+  (umask 077 && printf '%s\n' "$S3_SECRET" >"$work/s3-secret")
+  log "garage on $S3_ENDPOINT"
 fi
 
 # ============================================================================================
