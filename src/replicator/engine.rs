@@ -17,7 +17,7 @@ use output::{Output, Stored};
 use wake::Waited;
 pub use wake::{EngineSender, Waiter, channel};
 
-use super::cache::{Cache, CacheError, FileId, ItemKind, LocalState, NewGeneration};
+use super::cache::{Cache, CacheError, FileId, LocalState, NewGeneration};
 use super::journal::{Journal, JournalError};
 use super::manifest;
 use super::pagemap::PageMap;
@@ -205,7 +205,7 @@ impl Engine {
         let next_item = cache.items()?.last().map_or(0, |i| i.number + 1);
         let mut saved = saved.filter(|s| s.db == id);
         if let Some(s) = saved.as_mut() {
-            recover_tail(&cache, s, cfg.compression_level.min(output::SEGMENT_LEVEL))?;
+            Journal::recover(&cache, s, cfg.compression_level.min(output::SEGMENT_LEVEL))?;
         }
         let reason = if saved.is_none() && cache.load_state()?.is_some() {
             "the database file was replaced"
@@ -593,41 +593,6 @@ impl Engine {
     }
 }
 
-/// A tail journalled under a barrier whose outbox item a crash prevented (it continues the saved
-/// state exactly) becomes that item now, and the state moves past it.
-fn recover_tail(cache: &Cache, state: &mut LocalState, level: i32) -> Result<bool> {
-    let Some((meta, data)) = Journal::read(cache.dir())? else {
-        return Ok(false);
-    };
-    if meta.generation != state.generation
-        || meta.first != state.next_txid
-        || meta.last < meta.first
-    {
-        return Ok(false);
-    }
-    let (mut file, path) = cache.scratch("journalled-segment")?;
-    std::io::Write::write_all(&mut file, &data).map_err(io("write", &path))?;
-    drop(file);
-    let kind = ItemKind::Segment {
-        first: meta.first,
-        last: meta.last,
-        first_unix_ns: meta.first_unix_ns,
-        last_unix_ns: meta.last_unix_ns,
-    };
-    cache.add_item(state.next_item, &state.generation, kind, &path, level)?;
-    state.next_item += 1;
-    state.next_txid = meta.last + 1;
-    state.last_commit_unix_ns = meta.last_unix_ns;
-    state.cursor = meta.cursor;
-    cache.save_state(state)?;
-    tracing::info!(
-        first = meta.first,
-        last = meta.last,
-        "recovered transactions journalled under a write barrier before a crash"
-    );
-    Ok(true)
-}
-
 fn now_ns() -> i64 {
     super::now_unix_ns()
 }
@@ -639,98 +604,4 @@ fn now_ms() -> i64 {
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + use<> {
     let path = path.to_path_buf();
     move |source| EngineError::Io { op, path, source }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::replicator::journal::TailMeta;
-    use crate::replicator::segment::{SegmentHeader, SegmentWriter};
-
-    /// The crash this guards against: the tail read under a barrier was journalled, the
-    /// checkpoint let the WAL restart, and the process died before the outbox item was written.
-    #[test]
-    fn a_tail_journalled_before_a_crash_becomes_the_next_item_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path(), "app").unwrap();
-        let generation = manifest::new_generation_id();
-        let mut state = LocalState {
-            format: 0,
-            generation: generation.clone(),
-            page_size: 512,
-            next_txid: 5,
-            last_commit_unix_ns: 1,
-            cursor: None,
-            db: FileId { dev: 1, ino: 2 },
-            next_item: 3,
-            last_snapshot_unix_ms: 0,
-        };
-        cache.save_state(&state).unwrap();
-        let (file, seg) = cache.scratch("tail").unwrap();
-        let header = SegmentHeader {
-            page_size: 512,
-            lineage: manifest::lineage(&generation),
-            first_txid: 5,
-        };
-        let mut w = SegmentWriter::new(file, header).unwrap();
-        for t in 0..2u8 {
-            w.page(1, &[t; 512]).unwrap();
-            w.commit(10 + i64::from(t), 1).unwrap();
-        }
-        w.finish().unwrap();
-        let segment = std::fs::read(&seg).unwrap();
-        let meta = TailMeta {
-            generation: generation.clone(),
-            first: 5,
-            last: 6,
-            first_unix_ns: 10,
-            last_unix_ns: 11,
-            cursor: None,
-        };
-        let journal = Journal::open(cache.dir()).unwrap();
-        assert!(journal.record(&meta, &seg).unwrap());
-        journal.sync().unwrap();
-
-        // A record that does not continue the state is left alone.
-        for other in [
-            LocalState {
-                next_txid: 4,
-                ..state.clone()
-            },
-            LocalState {
-                generation: manifest::new_generation_id(),
-                ..state.clone()
-            },
-        ] {
-            let mut s = other.clone();
-            assert!(!recover_tail(&cache, &mut s, 1).unwrap());
-            assert_eq!(s, other);
-        }
-
-        assert!(recover_tail(&cache, &mut state, 1).unwrap());
-        assert_eq!((state.next_txid, state.next_item), (7, 4));
-        assert_eq!(state.last_commit_unix_ns, 11);
-        let saved = cache.load_state().unwrap().unwrap();
-        assert_eq!(
-            (saved.next_txid, saved.next_item),
-            (7, 4),
-            "saved: {saved:?}"
-        );
-        let items = cache.items().unwrap();
-        let item = items.last().unwrap();
-        assert_eq!(item.number, 3);
-        assert!(matches!(
-            item.kind,
-            ItemKind::Segment {
-                first: 5,
-                last: 6,
-                ..
-            }
-        ));
-        let data = zstd::decode_all(std::fs::File::open(cache.item_data(item)).unwrap()).unwrap();
-        assert_eq!(data, segment);
-        // The state moved past the record: a later start recovers nothing.
-        assert!(!recover_tail(&cache, &mut state, 1).unwrap());
-        assert_eq!(cache.items().unwrap().len(), items.len());
-    }
 }

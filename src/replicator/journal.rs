@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::cache::StoredCursor;
+use super::cache::{Cache, CacheError, ItemKind, LocalState, StoredCursor};
 
 const MAGIC: &[u8; 8] = b"ZLTAIL01";
 const FILE: &str = "tail.journal";
@@ -32,6 +32,8 @@ pub const CAPACITY: u64 = 8 << 20;
 /// Failures of the journal; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("tail journal: cannot {op} {path}")]
     Io {
         op: &'static str,
@@ -154,6 +156,45 @@ impl Journal {
         })
     }
 
+    /// A tail journalled under a barrier whose outbox item a crash prevented (it continues the saved
+    /// state exactly) becomes that item now, and the state moves past it.
+    pub fn recover(cache: &Cache, state: &mut LocalState, level: i32) -> Result<bool> {
+        let Some((meta, data)) = Self::read(cache.dir())? else {
+            return Ok(false);
+        };
+        if meta.generation != state.generation
+            || meta.first != state.next_txid
+            || meta.last < meta.first
+        {
+            return Ok(false);
+        }
+        let (mut file, path) = cache.scratch("journalled-segment")?;
+        std::io::Write::write_all(&mut file, &data).map_err(|source| JournalError::Io {
+            op: "write",
+            path: path.clone(),
+            source,
+        })?;
+        drop(file);
+        let kind = ItemKind::Segment {
+            first: meta.first,
+            last: meta.last,
+            first_unix_ns: meta.first_unix_ns,
+            last_unix_ns: meta.last_unix_ns,
+        };
+        cache.add_item(state.next_item, &state.generation, kind, &path, level)?;
+        state.next_item += 1;
+        state.next_txid = meta.last + 1;
+        state.last_commit_unix_ns = meta.last_unix_ns;
+        state.cursor = meta.cursor;
+        cache.save_state(state)?;
+        tracing::info!(
+            first = meta.first,
+            last = meta.last,
+            "recovered transactions journalled under a write barrier before a crash"
+        );
+        Ok(true)
+    }
+
     /// The record in `dir`'s journal, if there is an intact one.
     pub fn read(dir: &Path) -> Result<Option<(TailMeta, Vec<u8>)>> {
         let path = dir.join(FILE);
@@ -190,6 +231,9 @@ fn parse(b: &[u8]) -> Option<(TailMeta, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replicator::cache::FileId;
+    use crate::replicator::manifest;
+    use crate::replicator::segment::{SegmentHeader, SegmentWriter};
 
     fn meta(first: u64) -> TailMeta {
         TailMeta {
@@ -244,5 +288,92 @@ mod tests {
         std::fs::write(&seg, vec![1u8; CAPACITY as usize]).unwrap();
         assert!(!j.record(&meta(1), &seg).unwrap());
         assert_eq!(Journal::read(dir.path()).unwrap(), None);
+    }
+
+    /// The crash this guards against: the tail read under a barrier was journalled, the
+    /// checkpoint let the WAL restart, and the process died before the outbox item was written.
+    #[test]
+    fn a_tail_journalled_before_a_crash_becomes_the_next_item_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), "app").unwrap();
+        let generation = manifest::new_generation_id();
+        let mut state = LocalState {
+            format: 0,
+            generation: generation.clone(),
+            page_size: 512,
+            next_txid: 5,
+            last_commit_unix_ns: 1,
+            cursor: None,
+            db: FileId { dev: 1, ino: 2 },
+            next_item: 3,
+            last_snapshot_unix_ms: 0,
+        };
+        cache.save_state(&state).unwrap();
+        let (file, seg) = cache.scratch("tail").unwrap();
+        let header = SegmentHeader {
+            page_size: 512,
+            lineage: manifest::lineage(&generation),
+            first_txid: 5,
+        };
+        let mut w = SegmentWriter::new(file, header).unwrap();
+        for t in 0..2u8 {
+            w.page(1, &[t; 512]).unwrap();
+            w.commit(10 + i64::from(t), 1).unwrap();
+        }
+        w.finish().unwrap();
+        let segment = std::fs::read(&seg).unwrap();
+        let meta = TailMeta {
+            generation: generation.clone(),
+            first: 5,
+            last: 6,
+            first_unix_ns: 10,
+            last_unix_ns: 11,
+            cursor: None,
+        };
+        let journal = Journal::open(cache.dir()).unwrap();
+        assert!(journal.record(&meta, &seg).unwrap());
+        journal.sync().unwrap();
+
+        // A record that does not continue the state is left alone.
+        for other in [
+            LocalState {
+                next_txid: 4,
+                ..state.clone()
+            },
+            LocalState {
+                generation: manifest::new_generation_id(),
+                ..state.clone()
+            },
+        ] {
+            let mut s = other.clone();
+            assert!(!Journal::recover(&cache, &mut s, 1).unwrap());
+            assert_eq!(s, other);
+        }
+
+        assert!(Journal::recover(&cache, &mut state, 1).unwrap());
+        assert_eq!((state.next_txid, state.next_item), (7, 4));
+        assert_eq!(state.last_commit_unix_ns, 11);
+        let saved = cache.load_state().unwrap().unwrap();
+        assert_eq!(
+            (saved.next_txid, saved.next_item),
+            (7, 4),
+            "saved: {saved:?}"
+        );
+        let items = cache.items().unwrap();
+        let item = items.last().unwrap();
+        assert_eq!(item.number, 3);
+        assert!(matches!(
+            item.kind,
+            ItemKind::Segment {
+                first: 5,
+                last: 6,
+                ..
+            }
+        ));
+        let data = zstd::decode_all(std::fs::File::open(cache.item_data(item)).unwrap()).unwrap();
+        assert_eq!(data, segment);
+        // The state moved past the record: a later start recovers nothing.
+        assert!(!Journal::recover(&cache, &mut state, 1).unwrap());
+        assert_eq!(cache.items().unwrap().len(), items.len());
     }
 }
