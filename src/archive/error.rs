@@ -30,6 +30,10 @@ pub enum ArchiveError {
     #[error("refusing to archive {path}: names starting with .wh. are reserved for whiteouts")]
     ReservedName { path: PathBuf },
 
+    /// A saved tree index failed its checksum or does not parse.
+    #[error("tree index {path} is damaged")]
+    DamagedIndex { path: PathBuf },
+
     /// A file shrank while it was being archived.
     #[error("file {path} changed while it was being archived")]
     FileChanged { path: PathBuf },

@@ -25,9 +25,11 @@
 //! are skipped), so they stay sparse.
 
 mod copy;
+mod delta;
 mod error;
 mod extract;
 mod fingerprint;
+mod index;
 mod pack;
 mod tarout;
 mod unpack;
@@ -41,9 +43,15 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
+pub use delta::pack_delta_to_file;
 pub use error::{ArchiveError, Result};
+pub use index::{IndexBuilder, TreeIndex};
 pub use unpack::MAX_EXTENSION_HEADER;
 pub use xattr::{PROTATTR_PAX_KEY, XATTR_PAX_PREFIX};
+
+/// PAX key of a delta's removal entry: whatever is at the entry's path in the previous version
+/// goes (a `.wh.` name would mean an overlay whiteout, which is itself an entry of the upper).
+pub const DELTA_REMOVE_PAX_KEY: &str = "ZLAYER.delta.remove";
 
 /// Where overlay keeps its private xattrs on the restored upper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -156,7 +164,7 @@ pub fn pack_to_file(
     opts: &PackOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<PackStats> {
-    pack::pack_to_file(upper, spool, opts, progress, None)
+    pack::pack_to_file(upper, spool, opts, progress, None, None)
 }
 
 /// Follows a spool while [`pack_to_file_observed`] writes it, so its finished prefix can be
@@ -178,7 +186,19 @@ pub fn pack_to_file_observed(
     progress: Option<&(dyn Fn(u64) + Sync)>,
     observer: &dyn SpoolObserver,
 ) -> Result<PackStats> {
-    pack::pack_to_file(upper, spool, opts, progress, Some(observer))
+    pack::pack_to_file(upper, spool, opts, progress, Some(observer), None)
+}
+
+/// [`pack_to_file`], also recording every entry into `index` (the version's [`TreeIndex`], from
+/// which the next capture computes a delta).
+pub fn pack_to_file_indexed(
+    upper: &Path,
+    spool: &Path,
+    opts: &PackOptions,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    index: &mut IndexBuilder,
+) -> Result<PackStats> {
+    pack::pack_to_file(upper, spool, opts, progress, None, Some(index))
 }
 
 /// Verifies `spool` against `expected_digest` (`hex` or `sha256:hex`), then restores it into

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tar::EntryType;
 
 use super::error::{ArchiveError, Result, io_err};
+use super::index::IndexBuilder;
 use super::tarout::{EntryMeta, Progress, TarOut};
 use super::walk::{Item, ItemKind, Walker};
 use super::{PackOptions, PackStats, SpoolObserver, xattr};
@@ -22,36 +23,33 @@ pub struct TreeStats {
     pub skipped_sockets: Vec<PathBuf>,
 }
 
-/// Writes every entry of `upper` (not the end marker) into `out`.
-pub fn write_tree<W: Write>(upper: &Path, out: &mut TarOut<'_, W>) -> Result<TreeStats> {
+/// Writes every entry of `upper` (not the end marker) into `out`, recording each into `index`
+/// when given.
+pub fn write_tree<W: Write>(
+    upper: &Path,
+    out: &mut TarOut<'_, W>,
+    mut index: Option<&mut IndexBuilder>,
+) -> Result<TreeStats> {
     let mut stats = TreeStats::default();
     let mut walker = Walker::new(upper);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     while let Some(item) = walker.next_item()? {
+        if let (Some(b), Some(meta), ItemKind::Node | ItemKind::Whiteout) =
+            (index.as_deref_mut(), &item.meta, item.kind)
+        {
+            b.record(&item.tar_path, meta);
+        }
         match item.kind {
             ItemKind::Socket => {
                 tracing::warn!(path = %item.fs_path.display(), "skipping socket: sockets cannot be archived");
                 stats.skipped_sockets.push(item.rel_path);
             }
             ItemKind::Whiteout | ItemKind::OpaqueMarker => {
-                // Marker metadata is invisible in the merged view; fixed values keep output stable.
-                out.header(&EntryMeta {
-                    path: &item.tar_path,
-                    etype: EntryType::Regular,
-                    link: None,
-                    mode: 0o600,
-                    uid: 0,
-                    gid: 0,
-                    size: 0,
-                    mtime: (0, 0),
-                    dev: None,
-                    xattrs: &[],
-                    protattr: None,
-                })?;
+                out.header(&marker(&item.tar_path))?;
                 stats.entries += 1;
             }
             ItemKind::Node => {
-                write_node(&mut walker, &item, out, &mut links)?;
+                write_node(&mut walker, &item, out, &mut links, true)?;
                 stats.entries += 1;
             }
         }
@@ -59,17 +57,47 @@ pub fn write_tree<W: Write>(upper: &Path, out: &mut TarOut<'_, W>) -> Result<Tre
     Ok(stats)
 }
 
-fn write_node<W: Write>(
+/// Writes one node (a directory's header only when `header`; either way it is listed, its
+/// children coming next, with the opaque marker only after a written header).
+/// The header of a whiteout or opaque marker: their metadata is invisible in the merged view,
+/// so fixed values keep the output stable.
+pub(super) fn marker(tar_path: &[u8]) -> EntryMeta<'_> {
+    EntryMeta {
+        path: tar_path,
+        etype: EntryType::Regular,
+        link: None,
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: (0, 0),
+        dev: None,
+        xattrs: &[],
+        protattr: None,
+        remove: false,
+    }
+}
+
+pub(super) fn write_node<W: Write>(
     walker: &mut Walker,
     item: &Item,
     out: &mut TarOut<'_, W>,
     links: &mut HashMap<(u64, u64), Vec<u8>>,
+    header: bool,
 ) -> Result<()> {
     let Some(meta) = item.meta.as_ref() else {
         return Ok(());
     };
     let path = &item.fs_path;
     let ft = meta.file_type();
+    if !header {
+        debug_assert!(
+            ft == FileType::Directory,
+            "only directories are listed without a header"
+        );
+        let dir = walker.open_dir(item)?;
+        return walker.descend(item, dir, false);
+    }
     let mtime = (meta.mtime(), meta.mtime_nsec());
     let mut entry = EntryMeta {
         path: &item.tar_path,
@@ -83,6 +111,7 @@ fn write_node<W: Write>(
         dev: None,
         xattrs: &[],
         protattr: None,
+        remove: false,
     };
     if ft != FileType::Directory && meta.nlink() > 1 {
         match links.entry((meta.dev(), meta.ino())) {
@@ -146,7 +175,7 @@ fn write_node<W: Write>(
 }
 
 /// Writes compressed bytes to the spool while hashing them.
-struct HashingFile<'o> {
+pub(super) struct HashingFile<'o> {
     file: File,
     hasher: Sha256,
     written: u64,
@@ -193,6 +222,23 @@ pub fn pack_to_file(
     opts: &PackOptions,
     progress: Progress<'_>,
     observer: Option<&dyn SpoolObserver>,
+    index: Option<&mut IndexBuilder>,
+) -> Result<PackStats> {
+    pack_with(spool, opts, progress, observer, |out| {
+        write_tree(upper, out, index)
+    })
+}
+
+/// Compresses what `write` puts into the tar into `spool` (temp name, then renamed), hashing
+/// both streams.
+pub(super) fn pack_with(
+    spool: &Path,
+    opts: &PackOptions,
+    progress: Progress<'_>,
+    observer: Option<&dyn SpoolObserver>,
+    write: impl FnOnce(
+        &mut TarOut<'_, zstd::stream::write::Encoder<'static, HashingFile<'_>>>,
+    ) -> Result<TreeStats>,
 ) -> Result<PackStats> {
     let (dir, name) = match (spool.parent(), spool.file_name()) {
         (Some(d), Some(n)) => (
@@ -236,7 +282,7 @@ pub fn pack_to_file(
     enc.multithread(opts.workers.max(1)).map_err(compress)?;
     enc.include_checksum(true).map_err(compress)?;
     let mut out = TarOut::new(enc, spool, true, progress)?;
-    let tree = write_tree(upper, &mut out)?;
+    let tree = write(&mut out)?;
     let (enc, uncompressed_size, tar_digest) = out.finish()?;
     let sink = enc.finish().map_err(compress)?;
     // Not fsynced: a spool is a cache of its source tree, and whoever keeps one across a crash

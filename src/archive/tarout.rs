@@ -40,6 +40,8 @@ pub struct EntryMeta<'a> {
     pub dev: Option<(u32, u32)>,
     pub xattrs: &'a [(Vec<u8>, Vec<u8>)],
     pub protattr: Option<&'a [u8]>,
+    /// A delta's removal entry: whatever is at `path` goes (see [`super::DELTA_REMOVE_PAX_KEY`]).
+    pub remove: bool,
 }
 
 /// sha256 of the tar stream on its own thread, fed with full buffers that rotate back.
@@ -203,6 +205,9 @@ impl<'a, W: Write> TarOut<'a, W> {
         let (secs, nsec) = m.mtime;
         if nsec != 0 || !(0..=MAX_OCTAL_TIME).contains(&secs) {
             pax_record(&mut pax, b"mtime", format_pax_time(secs, nsec).as_bytes());
+        }
+        if m.remove {
+            pax_record(&mut pax, super::DELTA_REMOVE_PAX_KEY.as_bytes(), b"1");
         }
         if let Some(p) = m.protattr {
             pax_record(&mut pax, super::xattr::PROTATTR_PAX_KEY.as_bytes(), p);

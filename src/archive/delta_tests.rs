@@ -1,0 +1,242 @@
+//! Deltas against a tree index: what goes in, what is removed, what the next index says.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use super::*;
+use crate::archive::index::IndexBuilder;
+use crate::archive::{DELTA_REMOVE_PAX_KEY, PackOptions, pack};
+
+fn now_ns() -> i128 {
+    i128::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap()
+}
+
+/// A capture that "started" two seconds from now: nothing written so far counts as racy.
+fn settled() -> IndexBuilder {
+    IndexBuilder::starting_at(now_ns() + 2_000_000_000)
+}
+
+fn opts() -> PackOptions {
+    PackOptions {
+        level: 3,
+        workers: 1,
+    }
+}
+
+/// (tar path, removal?) of every entry, in order.
+fn entries(spool: &Path) -> Vec<(String, bool)> {
+    let data = zstd::decode_all(fs::File::open(spool).unwrap()).unwrap();
+    let mut ar = tar::Archive::new(data.as_slice());
+    let mut out = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let removal = e
+            .pax_extensions()
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .any(|x| x.unwrap().key() == Ok(DELTA_REMOVE_PAX_KEY));
+        let path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+        let mut sink = Vec::new();
+        e.read_to_end(&mut sink).unwrap();
+        out.push((path, removal));
+    }
+    out
+}
+
+fn whiteout(p: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        rustix::fs::makedev(0, 0),
+    )
+    .unwrap();
+}
+
+fn full(upper: &Path, spool: &Path) -> TreeIndex {
+    let mut b = settled();
+    pack::pack_to_file(upper, spool, &opts(), None, None, Some(&mut b)).unwrap();
+    b.finish()
+}
+
+fn keys(index: &TreeIndex) -> Vec<String> {
+    index
+        .entries
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
+}
+
+#[test]
+fn a_delta_holds_what_changed_and_removes_only_the_tops_of_what_went() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upper");
+    fs::create_dir_all(up.join("a")).unwrap();
+    fs::write(up.join("a/keep"), b"keep").unwrap();
+    fs::write(up.join("a/edit"), b"v1").unwrap();
+    fs::write(up.join("a/gone"), b"gone").unwrap();
+    fs::create_dir_all(up.join("d/sub")).unwrap();
+    fs::write(up.join("d/sub/x"), b"x").unwrap();
+    fs::write(up.join("f2d"), b"file, later a dir").unwrap();
+    fs::create_dir(up.join("d2f")).unwrap();
+    fs::write(up.join("d2f/z"), b"z").unwrap();
+    whiteout(&up.join("old"));
+    fs::write(up.join("h1"), b"linked").unwrap();
+    fs::hard_link(up.join("h1"), up.join("h2")).unwrap();
+    fs::write(up.join("meta"), b"m").unwrap();
+    symlink("a", up.join("s")).unwrap();
+    let base = full(&up, &dir.path().join("base.tar.zst"));
+    assert!(base.entries.values().all(|e| !e.racy));
+
+    fs::write(up.join("a/edit"), b"v2").unwrap();
+    fs::remove_file(up.join("a/gone")).unwrap();
+    fs::remove_dir_all(up.join("d")).unwrap();
+    fs::remove_file(up.join("f2d")).unwrap();
+    fs::create_dir(up.join("f2d")).unwrap();
+    fs::write(up.join("f2d/in"), b"in").unwrap();
+    fs::remove_dir_all(up.join("d2f")).unwrap();
+    fs::write(up.join("d2f"), b"now a file").unwrap();
+    fs::remove_file(up.join("old")).unwrap();
+    fs::write(up.join("old"), b"recreated over the whiteout").unwrap();
+    fs::hard_link(up.join("h1"), up.join("h3")).unwrap();
+    fs::set_permissions(
+        up.join("meta"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    fs::remove_file(up.join("s")).unwrap();
+    symlink("d2f", up.join("s")).unwrap();
+    fs::write(up.join("n"), b"new").unwrap();
+    whiteout(&up.join("hidden"));
+
+    let spool = dir.path().join("delta.tar.zst");
+    let (stats, next) = pack_delta(&up, &base, &spool, &opts(), None, &settled()).unwrap();
+    let got = entries(&spool);
+    let written: Vec<&str> = got.iter().filter(|e| !e.1).map(|e| e.0.as_str()).collect();
+    let removed: Vec<&str> = got.iter().filter(|e| e.1).map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        written,
+        [
+            "./",
+            "./.wh.hidden",
+            "./a/",
+            "./a/edit",
+            "./d2f",
+            "./f2d/",
+            "./f2d/in",
+            "./h1",
+            "./h2",
+            "./h3",
+            "./meta",
+            "./n",
+            "./old",
+            "./s",
+        ],
+        "{got:?}"
+    );
+    // `d` goes with its subtree; `d2f/z` goes with the directory a file replaced; the whiteout
+    // at `old` is replaced by the file there.
+    assert_eq!(removed, ["./a/gone", "./d"], "{got:?}");
+    assert_eq!((stats.changed, stats.removed), (14, 2));
+
+    let k = keys(&next);
+    for present in [
+        "./old",
+        "./f2d/",
+        "./f2d/in",
+        "./d2f",
+        "./h3",
+        "./.wh.hidden",
+        "./a/keep",
+    ] {
+        assert!(k.iter().any(|x| x == present), "{present} missing: {k:?}");
+    }
+    for absent in [
+        "./.wh.old",
+        "./d/",
+        "./d/sub/",
+        "./d/sub/x",
+        "./d2f/",
+        "./d2f/z",
+        "./f2d",
+        "./a/gone",
+    ] {
+        assert!(
+            !k.iter().any(|x| x == absent),
+            "{absent} still there: {k:?}"
+        );
+    }
+    // The index equals one taken of the tree now, token for token.
+    let fresh = TreeIndex::of_tree(&up).unwrap();
+    assert_eq!(keys(&fresh), k);
+    for (path, e) in &fresh.entries {
+        assert_eq!(
+            next.entries[path].token,
+            e.token,
+            "{}",
+            String::from_utf8_lossy(path)
+        );
+    }
+
+    // Nothing changed since: an empty delta.
+    let again = dir.path().join("again.tar.zst");
+    let (stats, _) = pack_delta(&up, &next, &again, &opts(), None, &settled()).unwrap();
+    assert_eq!((stats.changed, stats.removed), (0, 0));
+    assert!(entries(&again).is_empty());
+}
+
+/// An entry whose ctime is too close to the capture's start may hide a change made in the same
+/// clock step: it goes into the next delta again even though its token looks the same.
+#[test]
+fn racy_entries_are_written_again_next_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upper");
+    fs::create_dir(&up).unwrap();
+    fs::write(up.join("old"), b"settled").unwrap();
+    let base = full(&up, &dir.path().join("base.tar.zst"));
+    fs::write(up.join("fresh"), b"written just now").unwrap();
+    // A capture that starts now: `fresh` (and the root, whose ctime just moved) are racy.
+    let now = IndexBuilder::starting_at(now_ns());
+    let spool = dir.path().join("d1.tar.zst");
+    let (_, next) = pack_delta(&up, &base, &spool, &opts(), None, &now).unwrap();
+    assert!(next.entries[b"./fresh".as_slice()].racy);
+    assert!(!next.entries[b"./old".as_slice()].racy);
+    let spool = dir.path().join("d2.tar.zst");
+    pack_delta(&up, &next, &spool, &opts(), None, &settled()).unwrap();
+    let names: Vec<String> = entries(&spool).into_iter().map(|e| e.0).collect();
+    assert_eq!(names, ["./", "./fresh"]);
+}
+
+#[test]
+fn an_index_saves_loads_and_refuses_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upper");
+    fs::create_dir(&up).unwrap();
+    fs::write(up.join("f"), b"x").unwrap();
+    let mut index = TreeIndex::of_tree(&up).unwrap();
+    index.version = "ab".repeat(32);
+    let path = dir.path().join("state.idx");
+    assert_eq!(TreeIndex::load(&path).unwrap(), None);
+    index.save(&path).unwrap();
+    assert_eq!(TreeIndex::load(&path).unwrap(), Some(index.clone()));
+    let mode = fs::metadata(&path).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[20] ^= 1;
+    fs::write(&path, &bytes).unwrap();
+    let err = TreeIndex::load(&path).unwrap_err();
+    assert!(err.to_string().contains("state.idx"), "{err}");
+}
