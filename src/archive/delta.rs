@@ -20,8 +20,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
-use tar::EntryType;
-
 use super::error::Result;
 use super::index::{Entry, IndexBuilder, Token, TreeIndex};
 use super::pack::{TreeStats, marker, pack_with, write_node};
@@ -211,18 +209,8 @@ fn write_delta<W: Write>(
      -> Result<()> {
         let path = [b"./".as_slice(), fs].concat();
         out.header(&EntryMeta {
-            path: &path,
-            etype: EntryType::Regular,
-            link: None,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: (0, 0),
-            dev: None,
-            xattrs: &[],
-            protattr: None,
             remove: true,
+            ..marker(&path)
         })?;
         // The removed entry and everything under it leave the index.
         let dir_prefix = [tar_path.strip_suffix(b"/").unwrap_or(tar_path), b"/"].concat();
