@@ -108,6 +108,7 @@ async fn publish(store: &Arc<dyn ObjectStore>, id: &ContainerLayerId, case: &Cas
         seq: 1,
         base: None,
         rolled_back_from: None,
+        chain: Vec::new(),
     };
     let meta = LayerMeta {
         identity: id.clone(),

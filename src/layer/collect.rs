@@ -24,7 +24,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::error::{LayerError, Result, store};
 use super::manager::{LayerSyncManager, blocking, replacing};
-use super::manifest::{LayerManifest, layer_object_digest, manifest_key, meta_key};
+use super::manifest::{LayerManifest, ManifestEntry, layer_object_digest, manifest_key, meta_key};
 use super::options::GcReport;
 use super::sync::MANIFEST_ATTEMPTS;
 use super::types::ContainerLayerId;
@@ -109,7 +109,7 @@ impl LayerSyncManager {
         let mut enforced = None;
         for m in manifests {
             let Some(trimmed) = m.trimmed(keep) else {
-                referenced.extend(m.versions().map(|e| e.digest.clone()));
+                referenced.extend(referenced_by(&m));
                 continue;
             };
             let dropped = (m.history.len() - trimmed.history.len()) as u32;
@@ -130,11 +130,11 @@ impl LayerSyncManager {
             if !conditional {
                 tracing::warn!(id = %m.identity, versions = m.versions().count(), keep,
                     "manifest keeps more versions than history_keep; not trimmed because the store does not enforce conditional writes (its next sync trims it)");
-                referenced.extend(m.versions().map(|e| e.digest.clone()));
+                referenced.extend(referenced_by(&m));
                 report.manifests_untrimmed += 1;
                 continue;
             }
-            referenced.extend(trimmed.versions().map(|e| e.digest.clone()));
+            referenced.extend(referenced_by(&trimmed));
             if dry_run {
                 report.manifests_trimmed += 1;
                 report.versions_dropped += dropped;
@@ -142,7 +142,7 @@ impl LayerSyncManager {
             }
             // What was written may differ from what was read (a sync moved it meanwhile).
             if let Some(written) = self.trim_manifest(&m.identity, keep).await? {
-                referenced.extend(written.versions().map(|e| e.digest.clone()));
+                referenced.extend(referenced_by(&written));
                 report.manifests_trimmed += 1;
                 report.versions_dropped += dropped;
             }
@@ -220,5 +220,51 @@ impl LayerSyncManager {
         }
         tracing::info!(%digest, objects = objects.len(), "unreferenced layer deleted");
         Ok(Some(objects))
+    }
+}
+
+/// Every blob a kept version of `m` needs: its own and those of its delta chain.
+fn referenced_by(m: &LayerManifest) -> Vec<String> {
+    m.versions()
+        .flat_map(ManifestEntry::archives)
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::manifest::ChainLink;
+
+    /// `gc` must keep what a kept delta version is applied on, not only its own blob.
+    #[test]
+    fn a_kept_delta_keeps_its_whole_chain() {
+        let entry = |digest: &str, seq: u64, chain: &[&str]| ManifestEntry {
+            digest: digest.into(),
+            compressed_size_bytes: 1,
+            size_bytes: 1,
+            uncompressed_digest: String::new(),
+            file_count: 1,
+            created_at: chrono::Utc::now(),
+            seq,
+            base: None,
+            rolled_back_from: None,
+            chain: chain
+                .iter()
+                .map(|d| ChainLink {
+                    digest: (*d).into(),
+                    compressed_size_bytes: 1,
+                    size_bytes: 1,
+                })
+                .collect(),
+        };
+        let mut m = LayerManifest::new(
+            ContainerLayerId::new("s", "i"),
+            entry("d3", 3, &["b1", "d2"]),
+        );
+        m.history.push(entry("x0", 1, &[]));
+        let mut got = referenced_by(&m);
+        got.sort();
+        assert_eq!(got, ["b1", "d2", "d3", "x0"]);
     }
 }

@@ -64,6 +64,14 @@ pub enum LayerError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(
+        "manifest {key} has format version {found}; this zlayer-storage reads up to {supported} (upgrade it)"
+    )]
+    ManifestTooNew {
+        key: String,
+        found: u32,
+        supported: u32,
+    },
     #[error("manifest {key} belongs to {found}, not {id}")]
     ManifestIdentity {
         key: String,

@@ -10,7 +10,7 @@ use chrono::Utc;
 
 use super::error::{LayerError, Result, store};
 use super::journal::StateDb;
-use super::manifest::{LayerManifest, manifest_key};
+use super::manifest::{LayerManifest, MANIFEST_VERSION, manifest_key};
 use super::options::{LayerProgress, Phase, ProgressEvent};
 use super::spool::{IdentityLock, Staging};
 use super::types::{ContainerLayerId, SyncState};
@@ -252,10 +252,21 @@ impl LayerSyncManager {
 
 /// Parses the manifest stored at `key`.
 pub(super) fn parse_manifest(key: &str, data: &[u8]) -> Result<LayerManifest> {
-    serde_json::from_slice(data).map_err(|source| LayerError::BadManifest {
-        key: key.to_string(),
-        source,
-    })
+    let m: LayerManifest =
+        serde_json::from_slice(data).map_err(|source| LayerError::BadManifest {
+            key: key.to_string(),
+            source,
+        })?;
+    // A newer format may hold what this version would misread (a delta taken for a whole
+    // layer): refuse it rather than restore or rewrite it wrongly.
+    if m.version > MANIFEST_VERSION {
+        return Err(LayerError::ManifestTooNew {
+            key: key.to_string(),
+            found: m.version,
+            supported: MANIFEST_VERSION,
+        });
+    }
+    Ok(m)
 }
 
 /// The condition under which a manifest read with `etag` may be replaced.

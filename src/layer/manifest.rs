@@ -67,9 +67,29 @@ pub struct ManifestEntry {
     /// `created_at` is then the time of the rollback, so `--at` finds what was current when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_from: Option<u64>,
+    /// When `digest` is a delta: the archives a restore applies before it, the full base first
+    /// (each one a blob of its own). Empty for a full layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<ChainLink>,
+}
+
+/// One archive under a delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLink {
+    pub digest: String,
+    pub compressed_size_bytes: u64,
+    pub size_bytes: u64,
 }
 
 impl ManifestEntry {
+    /// Every blob a restore of this version reads, in the order it applies them.
+    pub fn archives(&self) -> impl Iterator<Item = &str> {
+        self.chain
+            .iter()
+            .map(|l| l.digest.as_str())
+            .chain(std::iter::once(self.digest.as_str()))
+    }
+
     /// The snapshot this entry describes.
     #[must_use]
     pub fn snapshot(&self, unchanged: bool) -> LayerSnapshot {
@@ -274,7 +294,44 @@ mod tests {
             seq,
             base: None,
             rolled_back_from: None,
+            chain: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_delta_version_lists_its_chain_base_first_and_full_versions_stay_as_they_were() {
+        let mut e = entry("d3", 3);
+        assert_eq!(e.archives().collect::<Vec<_>>(), ["d3"]);
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(
+            !json.contains("chain"),
+            "a full version's JSON is unchanged: {json}"
+        );
+        e.chain = ["b1", "d2"]
+            .iter()
+            .map(|d| ChainLink {
+                digest: (*d).into(),
+                compressed_size_bytes: 1,
+                size_bytes: 2,
+            })
+            .collect();
+        assert_eq!(e.archives().collect::<Vec<_>>(), ["b1", "d2", "d3"]);
+        let back: ManifestEntry =
+            serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_manifest_of_a_newer_format_is_refused_naming_it() {
+        let mut m = LayerManifest::new(ContainerLayerId::new("s", "i"), entry("d1", 1));
+        let key = "manifests/s/i.json";
+        let ok = serde_json::to_vec(&m).unwrap();
+        assert_eq!(super::super::manager::parse_manifest(key, &ok).unwrap(), m);
+        m.version = MANIFEST_VERSION + 1;
+        let newer = serde_json::to_vec(&m).unwrap();
+        let err = super::super::manager::parse_manifest(key, &newer).unwrap_err();
+        assert!(err.to_string().contains(key), "{err}");
+        assert!(err.to_string().contains("upgrade"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct Intent {
     pub ticket: u64,
     pub base: Option<Vec<String>>,
     pub started_at: DateTime<Utc>,
+    /// When the archive is a delta: what a restore applies before it (see
+    /// [`super::manifest::ManifestEntry::chain`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<super::manifest::ChainLink>,
 }
 
 /// Paths inside the staging dir.
@@ -289,6 +293,7 @@ mod tests {
             ticket: 3,
             base: None,
             started_at: Utc::now(),
+            chain: Vec::new(),
         }
     }
 

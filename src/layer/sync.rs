@@ -180,6 +180,7 @@ impl LayerSyncManager {
             ticket,
             base: opts.base,
             started_at,
+            chain: Vec::new(),
         };
         let staging_intent = intent.clone();
         let inner = Arc::clone(&self.inner);
@@ -449,6 +450,7 @@ impl LayerSyncManager {
                 seq,
                 base: intent.base.clone(),
                 rolled_back_from: None,
+                chain: intent.chain.clone(),
             };
             let (next, condition) = match current {
                 None => (

@@ -663,6 +663,7 @@ fn restore_is_capped_at_the_declared_size() {
         seq: 1,
         base: None,
         rolled_back_from: None,
+        chain: Vec::new(),
     };
     let o = super::restore::restore_limits(&cfg, &entry, crate::archive::XattrNs::User);
     assert_eq!(o.max_uncompressed, 10_000_000);
