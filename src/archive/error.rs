@@ -125,6 +125,23 @@ pub enum ArchiveError {
     #[error("entry {entry:?} is not a valid whiteout name")]
     BadWhiteout { entry: String },
 
+    /// A delta removal entry in a full archive: only a forged or misfiled archive has one.
+    #[error("entry {entry:?} is a delta removal, which a full archive cannot carry")]
+    RemovalInFullArchive { entry: String },
+
+    /// A delta removes a path the tree it applies to does not have: the chain does not fit
+    /// its base, so it is corrupt.
+    #[error("delta entry {entry:?} removes a path that does not exist")]
+    NothingToRemove { entry: String },
+
+    /// A removal entry that is not an empty regular entry naming a plain, non-root path.
+    #[error("delta entry {entry:?} is not a valid removal: {reason}")]
+    BadRemoval { entry: String, reason: &'static str },
+
+    /// A layer chain without a base archive.
+    #[error("restore of {target}: a layer chain needs at least a base archive")]
+    EmptyChain { target: PathBuf },
+
     /// A device node other than a 0/0 whiteout while devices are not allowed.
     #[error("entry {entry:?} is a device node and devices are not allowed")]
     DeviceNotAllowed { entry: String },

@@ -20,6 +20,7 @@ use rustix::fs::{
 };
 use rustix::io::Errno;
 
+use super::delta_apply::{self, DeltaState, Existing};
 use super::error::{ArchiveError, Result, extract_err, io_err};
 use super::{UnpackOptions, XattrNs};
 
@@ -51,7 +52,7 @@ fn join(comps: &[&[u8]]) -> Vec<u8> {
     comps.join(&b'/')
 }
 
-fn os(bytes: &[u8]) -> &OsStr {
+pub(super) fn os(bytes: &[u8]) -> &OsStr {
     OsStr::from_bytes(bytes)
 }
 
@@ -83,6 +84,20 @@ pub struct Extractor {
     root_seen: bool,
     opaque_seen: HashSet<Vec<u8>>,
     buf: Box<[u8]>,
+    /// Replace semantics while a delta is applied onto an existing tree; `None` for a full
+    /// archive, whose entries may only create.
+    delta: Option<DeltaState>,
+}
+
+/// What a delta entry does with whatever already is at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    /// Remove it, whatever it is (non-directory entries).
+    Any,
+    /// Keep an existing directory (updated in place), remove anything else.
+    KeepDir,
+    /// Remove it; it must exist (removal entries).
+    Remove,
 }
 
 impl Extractor {
@@ -96,7 +111,74 @@ impl Extractor {
             root_seen: false,
             opaque_seen: HashSet::new(),
             buf: vec![0u8; 1 << 20].into_boxed_slice(),
+            delta: None,
         }
+    }
+
+    /// An extractor that applies a delta onto the tree already at `root`.
+    pub fn new_delta(root: OwnedFd, opts: &UnpackOptions) -> Self {
+        Extractor {
+            delta: Some(DeltaState::default()),
+            ..Extractor::new(root, opts)
+        }
+    }
+
+    pub fn is_delta(&self) -> bool {
+        self.delta.is_some()
+    }
+
+    /// Whether the archive had a root (`./`) entry so far.
+    pub fn root_seen(&self) -> bool {
+        self.root_seen
+    }
+
+    /// In delta mode, makes room for the entry at `comps`: claims the path, records the
+    /// parent's mtime and removes what is there (per `how`). Returns whether an existing
+    /// directory was kept. A no-op for full archives, whose leaves are created exclusively.
+    fn make_room(&mut self, comps: &[&[u8]], entry: &str, how: Replace) -> Result<bool> {
+        if self.delta.is_none() {
+            return Ok(false);
+        }
+        self.ensure_parent(comps, entry)?;
+        let leaf = comps[comps.len() - 1];
+        let parent = match &self.cache {
+            Some((_, fd)) if comps.len() >= 2 => fd.as_fd(),
+            _ => self.root.as_fd(),
+        };
+        let Some(delta) = self.delta.as_mut() else {
+            return Ok(false);
+        };
+        let rel = join(comps);
+        delta.claim(&rel, entry)?;
+        let found = delta_apply::existing(parent, leaf, entry)?;
+        match (found, how) {
+            (Existing::Nothing, Replace::Remove) => {
+                return Err(ArchiveError::NothingToRemove {
+                    entry: entry.to_owned(),
+                });
+            }
+            (Existing::Dir, Replace::KeepDir) => return Ok(true),
+            _ => {}
+        }
+        delta.note_dir_change(&join(&comps[..comps.len() - 1]), parent, entry)?;
+        delta_apply::remove_at(parent, leaf, found, entry)?;
+        if found == Existing::Dir {
+            delta.forget_under(&rel);
+            // The cached parent may lie inside what was just removed.
+            self.cache = None;
+        }
+        Ok(false)
+    }
+
+    /// A delta removal entry: removes whatever is at `comps` (a directory recursively); the
+    /// path must exist.
+    pub fn remove(&mut self, comps: &[&[u8]], entry: &str) -> Result<()> {
+        if self.delta.is_none() {
+            return Err(ArchiveError::RemovalInFullArchive {
+                entry: entry.to_owned(),
+            });
+        }
+        self.make_room(comps, entry, Replace::Remove).map(|_| ())
     }
 
     /// An `O_PATH` fd of the parent of `comps` (cached: archives are sorted, neighbours share parents).
@@ -148,14 +230,32 @@ impl Extractor {
             entry: entry.to_owned(),
             meta,
         });
+        if self.delta.is_some() {
+            delta_apply::clear_opaque(self.root.as_fd(), self.ns, entry)?;
+        }
         Ok(())
     }
 
+    /// A directory; in delta mode an existing one is updated in place (its opaque xattr
+    /// dropped now, the rest of its metadata at [`Self::finish`]).
     pub fn dir(&mut self, comps: &[&[u8]], entry: &str, meta: Meta) -> Result<()> {
+        let kept = self.make_room(comps, entry, Replace::KeepDir)?;
         let leaf = comps[comps.len() - 1];
+        let ns = self.ns;
         let parent = self.parent(comps, entry)?;
-        rustix::fs::mkdirat(parent, os(leaf), Mode::from_raw_mode(0o700))
-            .map_err(|e| create_err(e, entry))?;
+        if kept {
+            let fd = rustix::fs::openat(
+                parent,
+                os(leaf),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(extract_err("open existing directory", entry))?;
+            delta_apply::clear_opaque(fd.as_fd(), ns, entry)?;
+        } else {
+            rustix::fs::mkdirat(parent, os(leaf), Mode::from_raw_mode(0o700))
+                .map_err(|e| create_err(e, entry))?;
+        }
         self.dirs.push(DirMeta {
             rel: join(comps),
             entry: entry.to_owned(),
@@ -174,6 +274,7 @@ impl Extractor {
         data: &mut dyn Read,
         read_err: &dyn Fn(io::Error) -> ArchiveError,
     ) -> Result<()> {
+        self.make_room(comps, entry, Replace::Any)?;
         let leaf = comps[comps.len() - 1];
         let parent = self.parent(comps, entry)?;
         let fd = rustix::fs::openat(
@@ -212,6 +313,12 @@ impl Extractor {
                 entry: entry.to_owned(),
             });
         }
+        // The whiteout takes the plain name: that is what a delta replaces.
+        let mut plain = comps.to_vec();
+        if let Some(last) = plain.last_mut() {
+            *last = name;
+        }
+        self.make_room(&plain, entry, Replace::Any)?;
         let parent = self.parent(comps, entry)?;
         rustix::fs::mknodat(
             parent,
@@ -251,6 +358,7 @@ impl Extractor {
                 what: "empty symlink target".to_owned(),
             });
         }
+        self.make_room(comps, entry, Replace::Any)?;
         let leaf = comps[comps.len() - 1];
         let parent = self.parent(comps, entry)?;
         rustix::fs::symlinkat(os(target), parent, os(leaf)).map_err(|e| create_err(e, entry))?;
@@ -272,6 +380,7 @@ impl Extractor {
         if target.is_empty() {
             return Err(bad());
         }
+        self.make_room(comps, entry, Replace::Any)?;
         let src_rel = join(&target[..target.len() - 1]);
         let src_parent = if src_rel.is_empty() {
             None
@@ -311,6 +420,7 @@ impl Extractor {
                 entry: entry.to_owned(),
             });
         }
+        self.make_room(comps, entry, Replace::Any)?;
         let leaf = comps[comps.len() - 1];
         let parent = self.parent(comps, entry)?;
         rustix::fs::mknodat(
@@ -383,21 +493,45 @@ impl Extractor {
     }
 
     /// Applies directory metadata deepest first, so child updates cannot disturb parent mtimes.
+    /// After a delta, directories changed without an entry of their own first get their
+    /// pre-delta mtime back; directories with an entry get exactly the entry's xattrs.
     pub fn finish(mut self) -> Result<OwnedFd> {
         self.cache = None;
-        if !self.root_seen {
-            rustix::fs::fchmod(&self.root, Mode::from_raw_mode(0o755))
-                .map_err(extract_err("set mode", "./"))?;
+        let delta = self.delta.take();
+        let exact = delta.is_some();
+        match delta {
+            Some(delta) => {
+                for (rel, mtime) in delta.into_saved_mtimes() {
+                    let entry = format!("./{}", String::from_utf8_lossy(&rel));
+                    if rel.is_empty() {
+                        delta_apply::restore_mtime(self.root.as_fd(), mtime, &entry)?;
+                    } else {
+                        let fd =
+                            self.open_beneath(&rel, OFlags::RDONLY | OFlags::NOFOLLOW, &entry)?;
+                        delta_apply::restore_mtime(fd.as_fd(), mtime, &entry)?;
+                    }
+                }
+            }
+            None if !self.root_seen => {
+                rustix::fs::fchmod(&self.root, Mode::from_raw_mode(0o755))
+                    .map_err(extract_err("set mode", "./"))?;
+            }
+            None => {}
         }
         let mut dirs = std::mem::take(&mut self.dirs);
         dirs.sort_unstable_by(|a, b| b.rel.cmp(&a.rel));
         for d in &dirs {
-            if d.rel.is_empty() {
-                self.apply_fd(&self.root, &d.entry, &d.meta)?;
+            let opened;
+            let fd = if d.rel.is_empty() {
+                self.root.as_fd()
             } else {
-                let fd = self.open_beneath(&d.rel, OFlags::RDONLY | OFlags::NOFOLLOW, &d.entry)?;
-                self.apply_fd(&fd, &d.entry, &d.meta)?;
+                opened = self.open_beneath(&d.rel, OFlags::RDONLY | OFlags::NOFOLLOW, &d.entry)?;
+                opened.as_fd()
+            };
+            if exact {
+                delta_apply::drop_unlisted_xattrs(fd, &d.meta, self.ns, &d.entry)?;
             }
+            self.apply_fd(fd, &d.entry, &d.meta)?;
         }
         Ok(self.root)
     }

@@ -14,6 +14,11 @@
 //! such uppers are not archived. Unknown overlay-private xattrs are refused for the same reason.
 //! Sockets are skipped (listed in [`PackStats::skipped_sockets`]).
 //!
+//! **Deltas.** An identity's layer may be a chain: a full base plus ordered delta archives in
+//! the same format, whose entries replace what is at their path and whose empty entries with
+//! `ZLAYER.delta.remove=1` remove it (see [`unpack_chain_files`]); a full archive carrying such
+//! an entry is refused.
+//!
 //! **Extraction.** The compressed file is verified against the expected digest first, then
 //! extracted into a fresh staging dir next to the target and swapped in atomically. Every
 //! parent is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`
@@ -26,6 +31,7 @@
 
 mod copy;
 mod delta;
+mod delta_apply;
 mod error;
 mod extract;
 mod fingerprint;
@@ -37,13 +43,15 @@ mod walk;
 mod xattr;
 
 #[cfg(test)]
+mod delta_apply_tests;
+#[cfg(test)]
 mod testkit;
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
 
-pub use delta::pack_delta_to_file;
+pub use delta::{DeltaStats, pack_delta_to_file};
 pub use error::{ArchiveError, Result};
 pub use index::{IndexBuilder, TreeIndex};
 pub use unpack::MAX_EXTENSION_HEADER;
@@ -237,6 +245,33 @@ pub fn unpack_reader<R: std::io::Read + Send>(
         opts,
         progress,
     )
+}
+
+/// Restores a layer chain into `target` (absent or an empty dir, as for [`unpack_file`]):
+/// `layers[0]` is the full base archive, the rest are deltas applied in order, each given as
+/// `(spool, expected digest)` with the digest as `hex` or `sha256:hex`. Everything is built in
+/// one staging dir and swapped in only when every layer applied and matched its digest.
+/// `progress` receives cumulative uncompressed bytes over all layers. Blocking: call from
+/// `spawn_blocking`.
+pub fn unpack_chain_files(
+    layers: &[(PathBuf, String)],
+    target: &Path,
+    opts: &UnpackOptions,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<UnpackStats> {
+    delta_apply::unpack_chain_files(layers, target, opts, progress)
+}
+
+/// [`unpack_chain_files`] over streams (e.g. straight from the store): each layer is
+/// `(reader, name for errors, compressed size, expected digest)` and is read once, hashed
+/// while it is applied. Blocking: call from `spawn_blocking`.
+pub fn unpack_chain_readers<R: std::io::Read + Send>(
+    layers: Vec<(R, &Path, u64, &str)>,
+    target: &Path,
+    opts: &UnpackOptions,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<UnpackStats> {
+    delta_apply::unpack_chain_readers(layers, target, opts, progress)
 }
 
 /// Copies an upper dir overlay-exactly (same rules and checks as a restore). Blocking.

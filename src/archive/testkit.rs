@@ -13,7 +13,7 @@ pub struct RawTar {
     pub buf: Vec<u8>,
 }
 
-fn header(path: &[u8], etype: EntryType, size: u64) -> Header {
+pub fn header(path: &[u8], etype: EntryType, size: u64) -> Header {
     let mut h = Header::new_ustar();
     if let Some(u) = h.as_ustar_mut() {
         let n = path.len().min(100);

@@ -12,11 +12,11 @@ use sha2::{Digest, Sha256};
 use super::testkit::{self, RawTar};
 use super::*;
 
-fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+pub(super) fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty()).unwrap();
 }
 
-fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+pub(super) fn get_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 4096];
     rustix::fs::lgetxattr(p, name, &mut buf[..])
         .ok()
@@ -200,7 +200,7 @@ impl WriteAt for File {
     }
 }
 
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+pub(super) fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         out.push(p.clone());
@@ -212,7 +212,7 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Everything observable about one inode (root ctime/ino aside), for tree comparison.
 #[derive(Debug, PartialEq, Eq)]
-struct Node {
+pub(super) struct Node {
     kind: String,
     mode: u32,
     uid: u32,
@@ -227,7 +227,7 @@ struct Node {
     sparse: bool,
 }
 
-fn list_xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
+pub(super) fn list_xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut buf = vec![0u8; 65536];
     let n = rustix::fs::llistxattr(p, &mut buf[..]).unwrap_or(0);
     let mut out = BTreeMap::new();
@@ -238,7 +238,7 @@ fn list_xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
+pub(super) fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
     let mut paths = vec![root.to_path_buf()];
     collect(root, &mut paths);
     let mut first_by_ino: BTreeMap<u64, PathBuf> = BTreeMap::new();
@@ -315,7 +315,7 @@ fn expected_after_restore(src: &Path, ns: XattrNs) -> BTreeMap<PathBuf, Node> {
     snap
 }
 
-fn root_opts() -> UnpackOptions {
+pub(super) fn root_opts() -> UnpackOptions {
     UnpackOptions {
         allow_devices: true,
         ..UnpackOptions::default()
@@ -570,7 +570,7 @@ fn copy_tree_is_exact() {
     assert_no_staging(t.path());
 }
 
-fn assert_no_staging(dir: &Path) {
+pub(super) fn assert_no_staging(dir: &Path) {
     for e in fs::read_dir(dir).unwrap() {
         let n = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(

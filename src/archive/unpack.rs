@@ -14,6 +14,7 @@ use rustix::fs::FileType;
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
+use super::DELTA_REMOVE_PAX_KEY;
 use super::error::{ArchiveError, Result, io_err};
 use super::extract::{Extractor, Meta, Staging, TargetSlot, check_target};
 use super::tarout::{Progress, parse_pax_time};
@@ -164,6 +165,8 @@ struct Pending {
     mtime: Option<(i64, u32)>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     protattr: Option<Vec<u8>>,
+    /// The value of `ZLAYER.delta.remove`, if present.
+    delta_remove: Option<Vec<u8>>,
     long_name: Option<Vec<u8>>,
     long_link: Option<Vec<u8>>,
 }
@@ -196,6 +199,7 @@ fn apply_pax(p: &mut Pending, data: &[u8], archive: &Path, entry: &str) -> Resul
             b"size" => p.size = Some(parse_u64(value).ok_or_else(bad)?),
             b"mtime" => p.mtime = Some(parse_pax_time(value).ok_or_else(bad)?),
             k if k == xattr::PROTATTR_PAX_KEY.as_bytes() => p.protattr = Some(value.to_vec()),
+            k if k == DELTA_REMOVE_PAX_KEY.as_bytes() => p.delta_remove = Some(value.to_vec()),
             k if k.starts_with(xattr::XATTR_PAX_PREFIX.as_bytes()) => {
                 let name = &k[xattr::XATTR_PAX_PREFIX.len()..];
                 if !xattr::is_portable(name) {
@@ -425,6 +429,11 @@ fn extract_entry<R: Read>(
         protattr: p.protattr,
     };
     let etype = header.entry_type();
+    if let Some(value) = &p.delta_remove {
+        let empty_regular =
+            matches!(etype, EntryType::Regular | EntryType::Continuous) && entry.size() == 0;
+        return removal(ex, &comps, path, name, archive, empty_regular, value);
+    }
     let link = || {
         p.linkpath
             .clone()
@@ -490,6 +499,48 @@ fn extract_entry<R: Read>(
             what: format!("entry type {other:?}"),
         }),
     }
+}
+
+/// A `ZLAYER.delta.remove` entry: only deltas have them, and only as an empty regular entry
+/// naming a plain path (a whiteout is removed by its plain name).
+fn removal(
+    ex: &mut Extractor,
+    comps: &[&[u8]],
+    path: &[u8],
+    name: &str,
+    archive: &Path,
+    empty_regular: bool,
+    value: &[u8],
+) -> Result<()> {
+    if !ex.is_delta() {
+        return Err(ArchiveError::RemovalInFullArchive {
+            entry: name.to_owned(),
+        });
+    }
+    if value != b"1" {
+        return Err(malformed(
+            archive,
+            name,
+            "invalid ZLAYER.delta.remove value",
+        ));
+    }
+    let bad = |reason| ArchiveError::BadRemoval {
+        entry: name.to_owned(),
+        reason,
+    };
+    if !empty_regular {
+        return Err(bad("not an empty regular entry"));
+    }
+    let Some(leaf) = comps.last() else {
+        return Err(bad("the root cannot be removed"));
+    };
+    if path.ends_with(b"/") {
+        return Err(bad("trailing slash"));
+    }
+    if leaf.starts_with(WHITEOUT_PREFIX) {
+        return Err(bad("names a .wh. entry instead of the plain path"));
+    }
+    ex.remove(comps, name)
 }
 
 /// Normalizes `sha256:<hex>` or `<hex>` to lowercase hex.
@@ -654,6 +705,40 @@ pub fn unpack_reader<R: Read + Send>(
     let expected = parse_digest(expected_digest)?;
     let slot = check_target(target)?;
     let (staging, root) = Staging::create(&slot)?;
+    let mut ex = Extractor::new(root, opts);
+    let applied = apply_verified(
+        src,
+        name,
+        compressed_size,
+        &expected,
+        &mut ex,
+        opts,
+        progress,
+    )
+    .and_then(|(n, size)| Ok((n, size, ex.finish()?)));
+    let (entries, uncompressed_size, root) = match applied {
+        Ok(v) => v,
+        Err(e) => return Err(staging.discard(e)),
+    };
+    staging.swap(root)?;
+    Ok(UnpackStats {
+        entries,
+        uncompressed_size,
+    })
+}
+
+/// Streams one compressed archive into `ex` (hashing on a decoder thread, extracting on the
+/// caller's) and checks the sha256 of all of `src` against `expected` (lowercase hex).
+/// Returns (entries, uncompressed bytes); the caller finishes `ex` and owns the staging dir.
+pub(super) fn apply_verified<R: Read + Send>(
+    src: R,
+    name: &Path,
+    compressed_size: u64,
+    expected: &str,
+    ex: &mut Extractor,
+    opts: &UnpackOptions,
+    progress: Progress<'_>,
+) -> Result<(u64, u64)> {
     let (tx, rx) = mpsc::sync_channel(DECODED_AHEAD);
     let (spare_tx, spare_rx) = mpsc::channel();
     let (extracted, hashed) = std::thread::scope(|scope| {
@@ -672,10 +757,8 @@ pub fn unpack_reader<R: Read + Send>(
             progress,
         );
         let count = src.count.clone();
-        let mut ex = Extractor::new(root, opts);
         // Dropping the reader (inside) tells the decoder to stop decoding and only hash.
-        let extracted =
-            extract_stream(src, &mut ex, name).and_then(|n| Ok((n, count.get(), ex.finish()?)));
+        let extracted = extract_stream(src, ex, name).map(|n| (n, count.get()));
         let hashed = decoder
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("decoder thread panicked")));
@@ -685,29 +768,19 @@ pub fn unpack_reader<R: Read + Send>(
     // transit or at rest, not an archive that was bad when published.
     let digest = match hashed {
         Some(Ok(d)) => Some(d),
-        Some(Err(e)) if extracted.is_ok() => {
-            return Err(staging.discard(io_err("read", name)(e)));
-        }
+        Some(Err(e)) if extracted.is_ok() => return Err(io_err("read", name)(e)),
         _ => None,
     };
-    if let Some(actual) = &digest
-        && *actual != expected
+    if let Some(actual) = digest
+        && actual != expected
     {
-        return Err(staging.discard(ArchiveError::DigestMismatch {
+        return Err(ArchiveError::DigestMismatch {
             archive: name.to_owned(),
-            expected,
-            actual: actual.clone(),
-        }));
+            expected: expected.to_owned(),
+            actual,
+        });
     }
-    let (entries, uncompressed_size, root) = match extracted {
-        Ok(v) => v,
-        Err(e) => return Err(staging.discard(e)),
-    };
-    staging.swap(root)?;
-    Ok(UnpackStats {
-        entries,
-        uncompressed_size,
-    })
+    extracted
 }
 
 pub fn unpack_file(

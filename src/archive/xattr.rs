@@ -106,7 +106,7 @@ pub fn read_classified(path: &Path, src: Source<'_>) -> Result<Classified> {
 
 /// `flistxattr`/`llistxattr`, growing the buffer as needed; unsupported filesystems yield no
 /// names.
-fn list(path: &Path, src: Source<'_>) -> io::Result<Vec<u8>> {
+pub fn list(path: &Path, src: Source<'_>) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 1024];
     loop {
         let res = match src {
