@@ -4,7 +4,7 @@
 //! A delta uses the full format's conventions; its entries *replace* what is at their path
 //! (the [`Extractor`] in delta mode removes first, then creates as for a full archive), a
 //! directory entry over an existing directory updates it in place, and an empty regular entry
-//! carrying [`DELTA_REMOVE_PAX_KEY`] removes its path. A delta that does not fit the tree
+//! carrying [`super::DELTA_REMOVE_PAX_KEY`] removes its path. A delta that does not fit the tree
 //! (removes a missing path, names a path twice) fails the whole restore: a chain that does not
 //! match its base is corrupt, and guessing would restore a tree nobody packed.
 //!

@@ -240,3 +240,90 @@ fn an_index_saves_loads_and_refuses_damage() {
     let err = TreeIndex::load(&path).unwrap_err();
     assert!(err.to_string().contains("state.idx"), "{err}");
 }
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty()).unwrap();
+}
+
+fn remove_xattr(p: &Path, name: &str) {
+    rustix::fs::lremovexattr(p, name).unwrap();
+}
+
+/// The overlay round trip over a chain: an upper changed twice (deletes, renames, a recreated
+/// opaque dir, hard links made and broken across versions, xattr, mode and mtime changes,
+/// whiteouts) and captured as a full archive plus two deltas restores exactly as a full archive
+/// of its last state does.
+#[test]
+fn a_base_and_two_real_deltas_restore_exactly_the_last_state() {
+    use crate::archive::tests::{expected_after_restore, root_opts, snapshot};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upper");
+    fs::create_dir_all(up.join("a/deep")).unwrap();
+    fs::write(up.join("a/x"), b"x1").unwrap();
+    fs::write(up.join("a/deep/y"), vec![7u8; 300_000]).unwrap();
+    fs::create_dir_all(up.join("d/sub")).unwrap();
+    fs::write(up.join("d/sub/f"), b"in d").unwrap();
+    fs::create_dir(up.join("r")).unwrap();
+    fs::write(up.join("r/old"), b"old r").unwrap();
+    fs::write(up.join("h1"), b"shared").unwrap();
+    fs::write(up.join("mode"), b"m").unwrap();
+    set_xattr(&up.join("a"), "user.v", b"1");
+    whiteout(&up.join("wh"));
+    symlink("a/x", up.join("ln")).unwrap();
+    let mut spools = Vec::new();
+    let mut b = IndexBuilder::new();
+    let base = dir.path().join("v1.tar.zst");
+    let stats = pack::pack_to_file(&up, &base, &opts(), None, None, Some(&mut b)).unwrap();
+    spools.push((base, stats.digest));
+    let mut index = b.finish();
+
+    // v2: a rename of a file and of a directory, a recreated dir made opaque, a new hard link
+    // to an unchanged file, mode, xattr and mtime changes, a whiteout replaced by a file.
+    fs::create_dir(up.join("b")).unwrap();
+    fs::rename(up.join("a/x"), up.join("b/x")).unwrap();
+    fs::rename(up.join("d"), up.join("e")).unwrap();
+    fs::remove_dir_all(up.join("r")).unwrap();
+    fs::create_dir(up.join("r")).unwrap();
+    fs::write(up.join("r/new"), b"new r").unwrap();
+    set_xattr(&up.join("r"), "trusted.overlay.opaque", b"y");
+    fs::hard_link(up.join("h1"), up.join("h2")).unwrap();
+    fs::set_permissions(up.join("mode"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(up.join("a"), fs::Permissions::from_mode(0o700)).unwrap();
+    set_xattr(&up.join("a"), "user.v", b"2");
+    fs::remove_file(up.join("wh")).unwrap();
+    fs::write(up.join("wh"), b"over the whiteout").unwrap();
+    let d1 = dir.path().join("v2.tar.zst");
+    let (stats, next) = pack_delta_to_file(&up, &index, &d1, &opts(), None).unwrap();
+    assert!(stats.removed >= 3, "{stats:?}");
+    spools.push((d1, stats.pack.digest));
+    index = next;
+
+    // v3: the original path of the link goes (the other keeps the content), the opaque dir
+    // stops being opaque, a file deleted, a dir deleted, a new whiteout, a retargeted symlink.
+    fs::remove_file(up.join("h1")).unwrap();
+    fs::write(up.join("h3"), b"third").unwrap();
+    fs::hard_link(up.join("h3"), up.join("e/h3")).unwrap();
+    remove_xattr(&up.join("r"), "trusted.overlay.opaque");
+    fs::remove_file(up.join("a/deep/y")).unwrap();
+    fs::remove_dir_all(up.join("e/sub")).unwrap();
+    whiteout(&up.join("a/gone"));
+    fs::remove_file(up.join("ln")).unwrap();
+    symlink("b/x", up.join("ln")).unwrap();
+    remove_xattr(&up.join("a"), "user.v");
+    let d2 = dir.path().join("v3.tar.zst");
+    let (stats, _) = pack_delta_to_file(&up, &index, &d2, &opts(), None).unwrap();
+    spools.push((d2, stats.pack.digest));
+
+    let target = dir.path().join("restored");
+    crate::archive::unpack_chain_files(&spools, &target, &root_opts(), None).unwrap();
+    let want = expected_after_restore(&up, crate::archive::XattrNs::Trusted);
+    let got = snapshot(&target);
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (k, node) in &want {
+        assert_eq!(node, &got[k], "entry {}", k.display());
+    }
+}

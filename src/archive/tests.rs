@@ -299,7 +299,7 @@ pub(super) fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
 }
 
 /// What a restore must reproduce: the source minus stripped overlay bookkeeping.
-fn expected_after_restore(src: &Path, ns: XattrNs) -> BTreeMap<PathBuf, Node> {
+pub(super) fn expected_after_restore(src: &Path, ns: XattrNs) -> BTreeMap<PathBuf, Node> {
     let mut snap = snapshot(src);
     for node in snap.values_mut() {
         let x = std::mem::take(&mut node.xattrs);
