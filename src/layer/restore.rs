@@ -3,16 +3,16 @@
 //! download (parallel ranged GETs) fills the spool, and swaps the tree in only after the digest
 //! of the whole archive matched.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::{LayerError, Result, store};
-use super::manager::LayerSyncManager;
+use super::manager::{LayerSyncManager, blocking};
 use super::manifest::{ManifestEntry, VersionSelector, blob_key};
 use super::options::RestoreOptions;
 use super::spool::remove_if_exists;
 use super::stream::{RestoreJob, download_and_unpack};
 use super::types::{ContainerLayerId, LayerSnapshot};
-use crate::archive::UnpackOptions;
+use crate::archive::{self, UnpackOptions};
 use crate::config::LayerStorageConfig;
 
 impl LayerSyncManager {
@@ -57,6 +57,12 @@ impl LayerSyncManager {
         let Some(entry) = manifest.select(which).cloned() else {
             return Err(LayerError::no_such_version(&manifest, which));
         };
+        if !entry.chain.is_empty() {
+            return self
+                .restore_chain(id, &manifest.current.digest, &entry, &target, opts)
+                .await
+                .map(Some);
+        }
         let key = blob_key(&entry.digest);
         let spool = self.inner.staging.temp_path("restore");
         let job = RestoreJob {
@@ -91,6 +97,90 @@ impl LayerSyncManager {
         tracing::info!(%id, digest = %entry.digest, seq = entry.seq, target = %target.display(), "layer restored");
         Ok(Some(entry.snapshot(false)))
     }
+}
+
+impl LayerSyncManager {
+    /// Restores a delta version: every archive of its chain is downloaded (concurrently, into
+    /// private scratch files), then the base is extracted and the deltas applied in order into
+    /// one staging dir, which replaces `target` only once every digest matched.
+    async fn restore_chain(
+        &self,
+        id: &ContainerLayerId,
+        current: &str,
+        entry: &ManifestEntry,
+        target: &Path,
+        opts: RestoreOptions,
+    ) -> Result<LayerSnapshot> {
+        let archives: Vec<(String, PathBuf)> = entry
+            .archives()
+            .map(|d| (d.to_string(), self.inner.staging.temp_path("restore")))
+            .collect();
+        let fetched = futures::future::join_all(archives.iter().map(|(digest, spool)| {
+            let key = blob_key(digest);
+            async move {
+                self.inner
+                    .store
+                    .download_to_file(&key, spool, None)
+                    .await
+                    .map_err(store(&key))
+            }
+        }))
+        .await;
+        let unpacked = async {
+            let mut bytes = 0;
+            for f in fetched {
+                bytes += f?;
+            }
+            crate::metrics::downloaded(bytes);
+            let layers: Vec<(PathBuf, String)> = archives
+                .iter()
+                .map(|(d, p)| (p.clone(), d.clone()))
+                .collect();
+            let limits = chain_limits(&self.inner.config, entry, opts.xattr_ns);
+            let dest = target.to_path_buf();
+            let done = blocking(move || {
+                archive::unpack_chain_files(&layers, &dest, &limits, None)?;
+                archive::fingerprint(&dest)
+            })
+            .await?;
+            done.map_err(|source| LayerError::Unpack {
+                id: id.clone(),
+                key: blob_key(&entry.digest),
+                path: target.to_path_buf(),
+                source: Box::new(source),
+            })
+        }
+        .await;
+        for (_, spool) in &archives {
+            remove_if_exists(spool)?;
+        }
+        let fingerprint = unpacked?;
+        self.record_fingerprint(id, &fingerprint, &entry.digest)
+            .await?;
+        self.put_state(id, &entry.digest, current).await?;
+        tracing::info!(%id, digest = %entry.digest, seq = entry.seq, archives = archives.len(),
+            target = %target.display(), "layer restored from its delta chain");
+        Ok(entry.snapshot(false))
+    }
+}
+
+/// [`restore_limits`] for a whole chain: its archives' declared sizes added up.
+fn chain_limits(
+    config: &LayerStorageConfig,
+    entry: &ManifestEntry,
+    xattr_ns: crate::archive::XattrNs,
+) -> UnpackOptions {
+    let total = ManifestEntry {
+        size_bytes: entry.chain.iter().map(|l| l.size_bytes).sum::<u64>() + entry.size_bytes,
+        compressed_size_bytes: entry
+            .chain
+            .iter()
+            .map(|l| l.compressed_size_bytes)
+            .sum::<u64>()
+            + entry.compressed_size_bytes,
+        ..entry.clone()
+    };
+    restore_limits(config, &total, xattr_ns)
 }
 
 /// Bomb guards for a restore. The manifest declares the uncompressed size, so extraction is

@@ -689,3 +689,76 @@ async fn resume_skips_identities_locked_by_another_process() {
     assert_eq!(m.resume_pending().await.unwrap(), 1);
     assert!(m.manifest(&id("0")).await.unwrap().is_some());
 }
+
+/// A version stored as a delta on the previous one restores, on a node that never saw either,
+/// through its chain: base extracted, delta applied, the directory whose file the delta replaced
+/// keeping its mtime. Without the chain's base the restore fails naming it, target untouched.
+#[tokio::test]
+async fn a_delta_version_restores_through_its_chain_on_another_node() {
+    use crate::archive::{self, PackOptions, TreeIndex};
+    let env = Env::new();
+    let upper = env.path("upper");
+    make_tree(&upper, "a");
+    let (a, _) = env.counting_node("a", Duration::ZERO).await;
+    let base = a.sync_layer(&id("0"), &upper).await.unwrap();
+    let index = TreeIndex::of_tree(&upper).unwrap();
+    std::fs::write(upper.join("etc/app/config"), b"variant=b\n").unwrap();
+    std::fs::remove_file(upper.join("data.bin")).unwrap();
+    std::fs::write(upper.join("new.txt"), b"new").unwrap();
+    let spool = env.path("delta.tar.zst");
+    let (stats, _) =
+        archive::pack_delta_to_file(&upper, &index, &spool, &PackOptions::default(), None).unwrap();
+    assert_eq!(stats.removed, 1);
+    let delta = stats.pack;
+    env.store
+        .put_bytes(
+            &blob_key(&delta.digest),
+            std::fs::read(&spool).unwrap(),
+            PutCondition::None,
+        )
+        .await
+        .unwrap();
+    let m = a.manifest(&id("0")).await.unwrap().unwrap();
+    let entry = manifest::ManifestEntry {
+        digest: delta.digest.clone(),
+        compressed_size_bytes: delta.compressed_size,
+        size_bytes: delta.uncompressed_size,
+        uncompressed_digest: delta.uncompressed_digest.clone(),
+        file_count: delta.entries,
+        created_at: chrono::Utc::now(),
+        seq: m.current.seq + 1,
+        base: None,
+        rolled_back_from: None,
+        chain: vec![manifest::ChainLink {
+            digest: base.digest.clone(),
+            compressed_size_bytes: base.compressed_size_bytes,
+            size_bytes: base.size_bytes,
+        }],
+    };
+    let manifest::Advance::Moved(next) = m.advance(entry, 5) else {
+        panic!("a higher seq moves the manifest")
+    };
+    env.store
+        .put_bytes(
+            &manifest::manifest_key(&id("0")),
+            serde_json::to_vec(&*next).unwrap(),
+            PutCondition::None,
+        )
+        .await
+        .unwrap();
+
+    let (b, _) = env.counting_node("b", Duration::ZERO).await;
+    let target = env.path("restored");
+    let restored = b.restore_layer(&id("0"), &target).await.unwrap().unwrap();
+    assert_eq!(restored.digest, delta.digest);
+    assert_eq!(describe_tree(&upper), describe_tree(&target));
+    assert_no_spools(&env, "b");
+
+    env.store.delete(&blob_key(&base.digest)).await.unwrap();
+    let missing = env.path("missing");
+    let err = b.restore_layer(&id("0"), &missing).await.unwrap_err();
+    let msg = error_chain(&err);
+    assert!(msg.contains(&base.digest), "{msg}");
+    assert!(!missing.exists());
+    assert_no_spools(&env, "b");
+}
