@@ -25,7 +25,7 @@ use super::index::{Entry, IndexBuilder, Token, TreeIndex};
 use super::pack::{TreeStats, marker, pack_with, write_node};
 use super::tarout::{EntryMeta, TarOut};
 use super::walk::{ItemKind, OPAQUE_MARKER, WHITEOUT_PREFIX, Walker};
-use super::{PackOptions, PackStats};
+use super::{PackOptions, PackStats, SpoolObserver};
 
 /// What [`pack_delta_to_file`] wrote besides the archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +143,15 @@ pub fn pack_delta_to_file(
     opts: &PackOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<(DeltaStats, TreeIndex)> {
-    pack_delta(upper, prev, spool, opts, progress, &IndexBuilder::new())
+    pack_delta(
+        upper,
+        prev,
+        spool,
+        opts,
+        progress,
+        None,
+        &IndexBuilder::new(),
+    )
 }
 
 /// [`pack_delta_to_file`] for a capture that started as `capture` says (racy marks).
@@ -153,13 +161,14 @@ pub(super) fn pack_delta(
     spool: &Path,
     opts: &PackOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
+    observer: Option<&dyn SpoolObserver>,
     capture: &IndexBuilder,
 ) -> Result<(DeltaStats, TreeIndex)> {
     let (now, relinked) = list_now(upper, prev)?;
     let gone = removals(prev, &now);
     let mut counts = (0u64, 0u64);
     let mut next_index: BTreeMap<Vec<u8>, Entry> = prev.entries.clone();
-    let pack = pack_with(spool, opts, progress, None, |out| {
+    let pack = pack_with(spool, opts, progress, observer, |out| {
         write_delta(
             upper,
             prev,

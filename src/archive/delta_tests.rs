@@ -120,7 +120,7 @@ fn a_delta_holds_what_changed_and_removes_only_the_tops_of_what_went() {
     whiteout(&up.join("hidden"));
 
     let spool = dir.path().join("delta.tar.zst");
-    let (stats, next) = pack_delta(&up, &base, &spool, &opts(), None, &settled()).unwrap();
+    let (stats, next) = pack_delta(&up, &base, &spool, &opts(), None, None, &settled()).unwrap();
     let got = entries(&spool);
     let written: Vec<&str> = got.iter().filter(|e| !e.1).map(|e| e.0.as_str()).collect();
     let removed: Vec<&str> = got.iter().filter(|e| e.1).map(|e| e.0.as_str()).collect();
@@ -190,7 +190,7 @@ fn a_delta_holds_what_changed_and_removes_only_the_tops_of_what_went() {
 
     // Nothing changed since: an empty delta.
     let again = dir.path().join("again.tar.zst");
-    let (stats, _) = pack_delta(&up, &next, &again, &opts(), None, &settled()).unwrap();
+    let (stats, _) = pack_delta(&up, &next, &again, &opts(), None, None, &settled()).unwrap();
     assert_eq!((stats.changed, stats.removed), (0, 0));
     assert!(entries(&again).is_empty());
 }
@@ -208,11 +208,11 @@ fn racy_entries_are_written_again_next_time() {
     // A capture that starts now: `fresh` (and the root, whose ctime just moved) are racy.
     let now = IndexBuilder::starting_at(now_ns());
     let spool = dir.path().join("d1.tar.zst");
-    let (_, next) = pack_delta(&up, &base, &spool, &opts(), None, &now).unwrap();
+    let (_, next) = pack_delta(&up, &base, &spool, &opts(), None, None, &now).unwrap();
     assert!(next.entries[b"./fresh".as_slice()].racy);
     assert!(!next.entries[b"./old".as_slice()].racy);
     let spool = dir.path().join("d2.tar.zst");
-    pack_delta(&up, &next, &spool, &opts(), None, &settled()).unwrap();
+    pack_delta(&up, &next, &spool, &opts(), None, None, &settled()).unwrap();
     let names: Vec<String> = entries(&spool).into_iter().map(|e| e.0).collect();
     assert_eq!(names, ["./", "./fresh"]);
 }

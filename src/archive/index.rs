@@ -25,8 +25,9 @@ use super::walk::{ItemKind, Meta, Walker};
 
 const MAGIC: &[u8; 8] = b"ZLIDX001";
 /// A ctime this close to (or after) the start of a capture may hide a change made in the same
-/// clock step.
-pub const RACY_MARGIN_NS: i128 = 1_000_000_000;
+/// clock step. Local filesystems stamp ctime from the coarse clock, one tick (1–10 ms) apart;
+/// ten times that keeps freshly written files from being sent twice in most captures.
+pub const RACY_MARGIN_NS: i128 = 100_000_000;
 
 /// The fields that change whenever an entry changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -197,16 +197,56 @@ pub fn pack_to_file_observed(
     pack::pack_to_file(upper, spool, opts, progress, Some(observer), None)
 }
 
-/// [`pack_to_file`], also recording every entry into `index` (the version's [`TreeIndex`], from
-/// which the next capture computes a delta).
-pub fn pack_to_file_indexed(
+/// What [`pack_capture`] archives.
+#[derive(Debug, Clone, Copy)]
+pub enum Capture<'a> {
+    /// The whole tree: a full layer.
+    Full,
+    /// Only what changed since the version this index describes: a delta.
+    Delta(&'a TreeIndex),
+}
+
+/// What [`pack_capture`] produced.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub stats: PackStats,
+    /// The new version's index (`version` left for the caller to set once it is stored).
+    pub index: TreeIndex,
+    /// For a delta: entries written because they changed, and removal entries.
+    pub delta: Option<(u64, u64)>,
+}
+
+/// Archives `upper` into `spool` as a full layer or a delta, reporting the spool's growth to
+/// `observer`, and indexes the new version. Blocking: call from `spawn_blocking`.
+pub fn pack_capture(
     upper: &Path,
     spool: &Path,
     opts: &PackOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-    index: &mut IndexBuilder,
-) -> Result<PackStats> {
-    pack::pack_to_file(upper, spool, opts, progress, None, Some(index))
+    observer: Option<&dyn SpoolObserver>,
+    capture: Capture<'_>,
+) -> Result<Captured> {
+    let mut builder = IndexBuilder::new();
+    match capture {
+        Capture::Full => {
+            let stats =
+                pack::pack_to_file(upper, spool, opts, progress, observer, Some(&mut builder))?;
+            Ok(Captured {
+                stats,
+                index: builder.finish(),
+                delta: None,
+            })
+        }
+        Capture::Delta(prev) => {
+            let (d, index) =
+                delta::pack_delta(upper, prev, spool, opts, progress, observer, &builder)?;
+            Ok(Captured {
+                stats: d.pack,
+                index,
+                delta: Some((d.changed, d.removed)),
+            })
+        }
+    }
 }
 
 /// Verifies `spool` against `expected_digest` (`hex` or `sha256:hex`), then restores it into

@@ -120,6 +120,13 @@ pub struct LayerStorageConfig {
     /// `gc` deletes a blob no manifest references only when it is older than this, so a sync
     /// in flight on another node (blob uploaded, manifest not yet moved) is never hit.
     pub gc_grace_secs: u64,
+    /// Deltas a version may sit on before a sync writes a full layer again (0: every sync
+    /// writes a full layer). A sync uploads a delta when this node's index of the identity
+    /// matches the manifest's current version.
+    pub delta_chain_max: usize,
+    /// A sync writes a full layer again once a chain's deltas add up to this share (percent)
+    /// of its base's compressed size, so a restore never reads much more than a full layer.
+    pub delta_max_percent: u64,
 }
 
 impl Default for LayerStorageConfig {
@@ -149,6 +156,8 @@ impl Default for LayerStorageConfig {
             max_retries: 8,
             history_keep: 5,
             gc_grace_secs: 24 * 3600,
+            delta_chain_max: 10,
+            delta_max_percent: 50,
         }
     }
 }
@@ -258,6 +267,8 @@ storage_env_overrides! {
     max_retries => "ZLAYER_STORAGE_MAX_RETRIES",
     history_keep => "ZLAYER_STORAGE_HISTORY_KEEP",
     gc_grace_secs => "ZLAYER_STORAGE_GC_GRACE_SECS",
+    delta_chain_max => "ZLAYER_STORAGE_DELTA_CHAIN_MAX",
+    delta_max_percent => "ZLAYER_STORAGE_DELTA_MAX_PERCENT",
 }
 
 /// A `[storage]` value parsed from its environment variable `var`.
@@ -482,6 +493,8 @@ mod tests {
         ("ZLAYER_STORAGE_MAX_EXPANSION_RATIO", "50", "50"),
         ("ZLAYER_STORAGE_MAX_RETRIES", "1", "1"),
         ("ZLAYER_STORAGE_HISTORY_KEEP", "9", "9"),
+        ("ZLAYER_STORAGE_DELTA_CHAIN_MAX", "4", "4"),
+        ("ZLAYER_STORAGE_DELTA_MAX_PERCENT", "30", "30"),
         ("ZLAYER_STORAGE_GC_GRACE_SECS", "60", "60"),
     ];
 

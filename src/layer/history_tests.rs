@@ -24,6 +24,17 @@ async fn node(env: &Env, name: &str, keep: usize, grace: u64) -> LayerSyncManage
         .unwrap()
 }
 
+/// [`node`] that writes every version as a full layer (no delta chains keeping old blobs).
+async fn full_node(env: &Env, name: &str, keep: usize, grace: u64) -> LayerSyncManager {
+    let mut cfg = env.config(name);
+    cfg.history_keep = keep;
+    cfg.gc_grace_secs = grace;
+    cfg.delta_chain_max = 0;
+    LayerSyncManager::with_store(cfg, Arc::clone(&env.store))
+        .await
+        .unwrap()
+}
+
 /// Syncs `n` different trees as `ident` on `m`; returns their dirs and snapshots, oldest first.
 async fn versions(
     env: &Env,
@@ -414,7 +425,7 @@ async fn an_unreadable_manifest_stops_gc_before_it_deletes_anything() {
 #[tokio::test]
 async fn gc_trims_manifests_over_history_keep_then_collects_their_old_blobs() {
     let env = Env::new();
-    let wide = node(&env, "a", 10, HOUR).await;
+    let wide = full_node(&env, "a", 10, HOUR).await;
     let v = versions(&env, &wide, "0", 5).await;
     for (_, snap) in &v[..4] {
         age_layer(&env, &snap.digest, 2 * HOUR);

@@ -94,6 +94,7 @@ impl LayerSyncManager {
             .await?;
         self.put_state(id, &entry.digest, &manifest.current.digest)
             .await?;
+        self.index_restored(id, &target, &entry.digest).await;
         tracing::info!(%id, digest = %entry.digest, seq = entry.seq, target = %target.display(), "layer restored");
         Ok(Some(entry.snapshot(false)))
     }
@@ -158,29 +159,63 @@ impl LayerSyncManager {
         self.record_fingerprint(id, &fingerprint, &entry.digest)
             .await?;
         self.put_state(id, &entry.digest, current).await?;
+        self.index_restored(id, target, &entry.digest).await;
         tracing::info!(%id, digest = %entry.digest, seq = entry.seq, archives = archives.len(),
             target = %target.display(), "layer restored from its delta chain");
         Ok(entry.snapshot(false))
     }
 }
 
-/// [`restore_limits`] for a whole chain: its archives' declared sizes added up.
+impl LayerSyncManager {
+    /// Indexes a tree a restore just built (nothing else touched it yet), so the next sync of
+    /// `id` can upload only what changes from here. A failure only costs that sync a full
+    /// upload.
+    async fn index_restored(&self, id: &ContainerLayerId, target: &Path, digest: &str) {
+        let dest = target.to_path_buf();
+        match blocking(move || archive::TreeIndex::of_tree(&dest)).await {
+            Ok(Ok(index)) => self.save_index(id, index, digest).await,
+            Ok(Err(e)) => {
+                tracing::warn!(%id, error = %e, "cannot index the restored layer; the next sync uploads a full layer")
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "cannot index the restored layer; the next sync uploads a full layer")
+            }
+        }
+    }
+}
+
+/// [`restore_limits`] for a whole chain: its archives' declared sizes added up, and the ratio
+/// cap raised to the highest ratio any one of them declares (a small delta of zeros compresses
+/// far beyond its base).
 fn chain_limits(
     config: &LayerStorageConfig,
     entry: &ManifestEntry,
     xattr_ns: crate::archive::XattrNs,
 ) -> UnpackOptions {
+    let links = entry
+        .chain
+        .iter()
+        .map(|l| (l.size_bytes, l.compressed_size_bytes))
+        .chain(std::iter::once((
+            entry.size_bytes,
+            entry.compressed_size_bytes,
+        )));
+    let (mut size, mut compressed, mut ratio) = (0u64, 0u64, 0u64);
+    for (s, c) in links {
+        size = size.saturating_add(s);
+        compressed = compressed.saturating_add(c);
+        ratio = ratio.max(s.div_ceil(c.max(1)));
+    }
     let total = ManifestEntry {
-        size_bytes: entry.chain.iter().map(|l| l.size_bytes).sum::<u64>() + entry.size_bytes,
-        compressed_size_bytes: entry
-            .chain
-            .iter()
-            .map(|l| l.compressed_size_bytes)
-            .sum::<u64>()
-            + entry.compressed_size_bytes,
+        size_bytes: size,
+        compressed_size_bytes: compressed,
         ..entry.clone()
     };
-    restore_limits(config, &total, xattr_ns)
+    let mut limits = restore_limits(config, &total, xattr_ns);
+    if size != 0 && size <= config.max_restore_bytes {
+        limits.max_ratio = limits.max_ratio.max(ratio + 1);
+    }
+    limits
 }
 
 /// Bomb guards for a restore. The manifest declares the uncompressed size, so extraction is

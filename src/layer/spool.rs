@@ -53,21 +53,35 @@ pub struct Staging {
     tmp: PathBuf,
     ready: PathBuf,
     locks: PathBuf,
+    index: PathBuf,
 }
 
 impl Staging {
-    /// Creates `tmp/`, `ready/` and `locks/` under `root`, private (0700): spools and restore
-    /// downloads hold layer data. The three are ours alone and are tightened if they already
-    /// existed; `root` is only given 0700 when it is created here (it may be shared).
+    /// Creates `tmp/`, `ready/`, `locks/` and `index/` under `root`, private (0700): spools and
+    /// restore downloads hold layer data, indexes list file names. They are ours alone and are
+    /// tightened if they already existed; `root` is only given 0700 when it is created here (it
+    /// may be shared).
     pub fn open(root: &Path) -> Result<Self> {
         let tmp = root.join("tmp");
         let ready = root.join("ready");
         let locks = root.join("locks");
+        let index = root.join("index");
         private::create_dir_all(root).map_err(io(root))?;
-        for dir in [&tmp, &ready, &locks] {
+        for dir in [&tmp, &ready, &locks, &index] {
             private::create_own_dir(dir).map_err(io(dir))?;
         }
-        Ok(Self { tmp, ready, locks })
+        Ok(Self {
+            tmp,
+            ready,
+            locks,
+            index,
+        })
+    }
+
+    /// Where this node keeps the index of the version of `id` it last stored or restored (the
+    /// base for the next delta).
+    pub fn index_path(&self, id: &ContainerLayerId) -> PathBuf {
+        self.index.join(format!("{}.idx", id.to_key()))
     }
 
     /// A fresh, unique path for an archive being packed or downloaded.

@@ -21,8 +21,8 @@ use super::manager::{
     zstd_library_version,
 };
 use super::manifest::{
-    Advance, ArchiveFormat, LayerManifest, LayerMeta, ManifestEntry, blob_key, manifest_key,
-    meta_key, overlay_parameters,
+    Advance, ArchiveFormat, ChainLink, LayerManifest, LayerMeta, ManifestEntry, blob_key,
+    manifest_key, meta_key, overlay_parameters,
 };
 use super::options::{
     LayerProgress, Phase, ProgressEvent, SyncOptions, SyncOutcome, UploadSummary,
@@ -148,7 +148,13 @@ impl LayerSyncManager {
             ticket,
             started_at,
         } = fresh;
-        let (packed, stats, stream) = self.pack(id, upper, opts.progress.clone()).await?;
+        let plan = self.delta_plan(id, manifest.as_ref()).await;
+        let (prev, chain) = match plan {
+            Some((index, chain)) => (Some(index), chain),
+            None => (None, Vec::new()),
+        };
+        let (packed, captured, stream) = self.pack(id, upper, opts.progress.clone(), prev).await?;
+        let stats = &captured.stats;
         let snapshot = LayerSnapshot {
             digest: stats.digest.clone(),
             size_bytes: stats.uncompressed_size,
@@ -159,28 +165,34 @@ impl LayerSyncManager {
             unchanged: false,
         };
         if let Some(m) = &manifest
-            && m.current.digest == snapshot.digest
+            && (m.current.digest == snapshot.digest || captured.delta == Some((0, 0)))
         {
             tracing::debug!(%id, digest = %snapshot.digest, "content unchanged");
             if let Some(st) = stream {
                 st.upload.abort().await;
             }
             remove_if_exists(&packed)?;
-            self.record_fingerprint(id, &fingerprint, &snapshot.digest)
+            // An empty delta has a digest of its own: what is unchanged is the current version.
+            self.record_fingerprint(id, &fingerprint, &m.current.digest)
                 .await?;
+            self.save_index(id, captured.index, &m.current.digest).await;
             return Ok(unchanged(id, &m.current));
         }
 
         let intent = Intent {
             identity: id.clone(),
-            format: self.format(&stats),
+            format: self.format(stats),
             snapshot,
             fingerprint: Some(fingerprint),
             seq: opts.seq,
             ticket,
             base: opts.base,
             started_at,
-            chain: Vec::new(),
+            chain: if captured.delta.is_some() {
+                chain
+            } else {
+                Vec::new()
+            },
         };
         let staging_intent = intent.clone();
         let inner = Arc::clone(&self.inner);
@@ -194,8 +206,76 @@ impl LayerSyncManager {
                 return Err(e);
             }
         };
-        self.publish(&intent, &spool, opts.progress, false, stream)
-            .await
+        let outcome = self
+            .publish(&intent, &spool, opts.progress, false, stream)
+            .await?;
+        if outcome.manifest_moved {
+            self.save_index(id, captured.index, &intent.snapshot.digest)
+                .await;
+        }
+        Ok(outcome)
+    }
+
+    /// Whether the next version of `id` can be a delta, and on what: this node's index must
+    /// describe the manifest's current version exactly, and the chain must stay within
+    /// `delta_chain_max` deltas adding up to less than `delta_max_percent` of its base.
+    async fn delta_plan(
+        &self,
+        id: &ContainerLayerId,
+        manifest: Option<&LayerManifest>,
+    ) -> Option<(archive::TreeIndex, Vec<ChainLink>)> {
+        let cfg = &self.inner.config;
+        let current = &manifest?.current;
+        if cfg.delta_chain_max == 0 || current.chain.len() >= cfg.delta_chain_max {
+            return None;
+        }
+        let this = ChainLink {
+            digest: current.digest.clone(),
+            compressed_size_bytes: current.compressed_size_bytes,
+            size_bytes: current.size_bytes,
+        };
+        let mut chain = current.chain.clone();
+        chain.push(this);
+        let base = chain[0].compressed_size_bytes.max(1);
+        let deltas: u64 = chain[1..].iter().map(|l| l.compressed_size_bytes).sum();
+        if u128::from(deltas) * 100 >= u128::from(base) * u128::from(cfg.delta_max_percent) {
+            return None;
+        }
+        let path = self.inner.staging.index_path(id);
+        let loaded = blocking(move || archive::TreeIndex::load(&path)).await;
+        match loaded {
+            Ok(Ok(Some(index))) if index.version == current.digest => Some((index, chain)),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(%id, error = %e, "layer index unusable; this sync uploads a full layer");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "layer index unreadable; this sync uploads a full layer");
+                None
+            }
+        }
+    }
+
+    /// Keeps `index` as the description of `id`'s version `digest` (the base of the next
+    /// delta). A failure only costs the next sync a full upload.
+    pub(super) async fn save_index(
+        &self,
+        id: &ContainerLayerId,
+        mut index: archive::TreeIndex,
+        digest: &str,
+    ) {
+        index.version = digest.to_string();
+        let path = self.inner.staging.index_path(id);
+        match blocking(move || index.save(&path)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%id, error = %e, "cannot keep the layer index; the next sync uploads a full layer")
+            }
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "cannot keep the layer index; the next sync uploads a full layer")
+            }
+        }
     }
 
     /// Packs `upper` into a temp spool, streaming it to the store as it grows where the
@@ -205,7 +285,8 @@ impl LayerSyncManager {
         id: &ContainerLayerId,
         upper: &Path,
         progress: Option<LayerProgress>,
-    ) -> Result<(PathBuf, archive::PackStats, Option<Streaming>)> {
+        prev: Option<archive::TreeIndex>,
+    ) -> Result<(PathBuf, archive::Captured, Option<Streaming>)> {
         let spool = self.inner.staging.temp_path("pack");
         let opts = PackOptions {
             level: self.inner.config.compression_level,
@@ -225,9 +306,13 @@ impl LayerSyncManager {
                 }
             });
             let cb_ref = cb.as_ref().map(|f| f as &(dyn Fn(u64) + Sync));
-            let res = archive::pack_to_file_observed(&upper2, &spool2, &opts, cb_ref, &watcher);
-            if let Ok(stats) = &res {
-                watcher.complete(stats.compressed_size);
+            let capture = prev
+                .as_ref()
+                .map_or(archive::Capture::Full, archive::Capture::Delta);
+            let res =
+                archive::pack_capture(&upper2, &spool2, &opts, cb_ref, Some(&watcher), capture);
+            if let Ok(c) = &res {
+                watcher.complete(c.stats.compressed_size);
             }
             res
         });
@@ -238,13 +323,14 @@ impl LayerSyncManager {
         };
         let packed = job.await.map_err(LayerError::Join)?;
         match packed {
-            Ok(stats) => {
+            Ok(captured) => {
+                let stats = &captured.stats;
                 for socket in &stats.skipped_sockets {
                     tracing::warn!(%id, socket = %socket.display(), "socket not archived");
                 }
                 tracing::debug!(%id, digest = %stats.digest, compressed = stats.compressed_size,
-                    streaming = stream.is_some(), "packed");
-                Ok((spool, stats, stream))
+                    delta = ?captured.delta, streaming = stream.is_some(), "packed");
+                Ok((spool, captured, stream))
             }
             Err(source) => {
                 if let Some(st) = stream {

@@ -762,3 +762,93 @@ async fn a_delta_version_restores_through_its_chain_on_another_node() {
     assert!(!missing.exists());
     assert_no_spools(&env, "b");
 }
+
+fn random_bytes(n: u64) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .take(n)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+/// Syncs on one node upload deltas (a small change costs a small upload) until the chain holds
+/// `delta_chain_max` of them, then a full layer again; an unusable index also means a full
+/// layer. Every version restores on another node equal to its tree.
+#[tokio::test]
+async fn syncs_upload_deltas_until_the_chain_is_full_then_a_full_layer() {
+    let env = Env::new();
+    let mut cfg = env.config("a");
+    cfg.delta_chain_max = 2;
+    let a = LayerSyncManager::with_store(cfg, Arc::clone(&env.store))
+        .await
+        .unwrap();
+    let (b, _) = env.counting_node("b", Duration::ZERO).await;
+    let upper = env.path("upper");
+    make_tree(&upper, "a");
+    std::fs::write(upper.join("big.bin"), random_bytes(1 << 20)).unwrap();
+    // Past the racy margin: the first capture's index can trust what was written before it.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let check = |round: usize| {
+        let (b, upper, env) = (&b, &upper, &env);
+        async move {
+            let target = env.path(&format!("restored-{round}"));
+            b.restore_layer(&id("0"), &target).await.unwrap().unwrap();
+            assert_eq!(
+                describe_tree(upper),
+                describe_tree(&target),
+                "round {round}"
+            );
+        }
+    };
+    let full = a.sync_layer(&id("0"), &upper).await.unwrap();
+    let chain_len = |m: &manifest::LayerManifest| m.current.chain.len();
+    let mut sizes = Vec::new();
+    for round in 1..=3 {
+        std::fs::write(
+            upper.join("etc/app/config"),
+            format!("variant=a, round {round}\n"),
+        )
+        .unwrap();
+        let snap = a.sync_layer(&id("0"), &upper).await.unwrap();
+        let m = a.manifest(&id("0")).await.unwrap().unwrap();
+        assert_eq!(m.current.digest, snap.digest);
+        sizes.push((chain_len(&m), snap.compressed_size_bytes));
+        check(round).await;
+    }
+    // Two deltas on the full base, then the chain is full: a full layer again.
+    assert_eq!(sizes[0].0, 1, "{sizes:?}");
+    assert_eq!(sizes[1].0, 2, "{sizes:?}");
+    assert_eq!(sizes[2].0, 0, "{sizes:?}");
+    assert!(
+        sizes[0].1 * 20 < full.compressed_size_bytes,
+        "{sizes:?} vs {full:?}"
+    );
+    assert!(sizes[2].1 * 2 > full.compressed_size_bytes, "{sizes:?}");
+    let m = a.manifest(&id("0")).await.unwrap().unwrap();
+    assert_eq!(m.history[0].chain[0].digest, full.digest);
+
+    // A damaged index: the next sync cannot trust it and uploads a full layer.
+    let index = env
+        .dir
+        .path()
+        .join("a/staging/index")
+        .join(format!("{}.idx", id("0").to_key()));
+    let mut bytes = std::fs::read(&index).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&index, bytes).unwrap();
+    std::fs::write(upper.join("etc/app/config"), b"after the damage\n").unwrap();
+    a.sync_layer(&id("0"), &upper).await.unwrap();
+    let m = a.manifest(&id("0")).await.unwrap().unwrap();
+    assert!(m.current.chain.is_empty(), "full after a damaged index");
+    check(4).await;
+    // Indexed again: deltas resume.
+    std::fs::write(upper.join("etc/app/config"), b"and again\n").unwrap();
+    a.sync_layer(&id("0"), &upper).await.unwrap();
+    let m = a.manifest(&id("0")).await.unwrap().unwrap();
+    assert_eq!(m.current.chain.len(), 1);
+    check(5).await;
+}
