@@ -750,6 +750,9 @@ async fn gc_collects_unreferenced_layers_after_the_grace_period() {
         cfg.state_db_path = dir.path().join(name).join("state.sqlite");
         cfg.history_keep = keep;
         cfg.gc_grace_secs = grace;
+        // Every version a full layer: a kept delta would keep its base (covered by the unit
+        // test `a_kept_delta_keeps_its_whole_chain`).
+        cfg.delta_chain_max = 0;
         cfg
     };
     let sync_versions = |m: LayerSyncManager, id: ContainerLayerId, n: usize| {
@@ -850,6 +853,63 @@ async fn gc_collects_unreferenced_layers_after_the_grace_period() {
         std::fs::read_to_string(target.join("f")).unwrap(),
         format!("{narrow} version 1")
     );
+}
+
+/// Deltas through a real S3 service: a small change after a full sync uploads a small delta
+/// naming its chain, a node that never saw the identity restores it exactly through the chain,
+/// and `gc` keeps the chain's base even once history no longer lists it as a version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_chain_round_trips_through_garage_and_gc_keeps_its_base() {
+    let test = "a_delta_chain_round_trips_through_garage_and_gc_keeps_its_base";
+    let Some(g) = garage_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = g.config("delta-chain");
+    let node = |name: &str| {
+        let mut cfg = base.clone();
+        cfg.staging_dir = dir.path().join(name).join("staging");
+        cfg.state_db_path = dir.path().join(name).join("state.sqlite");
+        cfg.history_keep = 1;
+        cfg.gc_grace_secs = 0;
+        cfg
+    };
+    let id = ContainerLayerId::new("delta", "0");
+    let upper = dir.path().join("upper");
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    let mut noise = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open("/dev/urandom").unwrap(), 4 << 20),
+        &mut noise,
+    )
+    .unwrap();
+    std::fs::write(upper.join("big"), noise).unwrap();
+    std::fs::write(upper.join("etc/conf"), b"v1").unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let a = LayerSyncManager::new(node("a")).await.unwrap();
+    let full = a.sync_layer(&id, &upper).await.unwrap();
+    std::fs::write(upper.join("etc/conf"), b"v2").unwrap();
+    std::fs::remove_file(upper.join("big")).unwrap();
+    std::fs::write(upper.join("new"), b"new").unwrap();
+    let delta = a.sync_layer(&id, &upper).await.unwrap();
+    let m = a.manifest(&id).await.unwrap().unwrap();
+    assert_eq!(m.current.digest, delta.digest);
+    assert_eq!(m.current.chain.len(), 1, "{m:?}");
+    assert_eq!(m.current.chain[0].digest, full.digest);
+    assert!(delta.compressed_size_bytes * 10 < full.compressed_size_bytes);
+
+    // gc with history_keep = 1: the full version is no longer a version, but the delta needs it.
+    let r = a.gc().await.unwrap();
+    let left = a.store().list("").await.unwrap();
+    assert!(left.contains(&format!("{}.tar.zst", full.digest)), "{r:?}");
+
+    let b = LayerSyncManager::new(node("b")).await.unwrap();
+    let target = dir.path().join("restored");
+    let restored = b.restore_layer(&id, &target).await.unwrap().unwrap();
+    assert_eq!(restored.digest, delta.digest);
+    assert_eq!(std::fs::read(target.join("etc/conf")).unwrap(), b"v2");
+    assert_eq!(std::fs::read(target.join("new")).unwrap(), b"new");
+    assert!(!target.join("big").exists());
 }
 
 // ---------------------------------------------------------------------------------------------
