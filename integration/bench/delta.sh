@@ -67,7 +67,7 @@ sync_json() {
   t0=$(now_ms)
   out=$(zl "$1" sync --json --id "$2" "$work/tree")
   t1=$(now_ms)
-  echo "$(python3 -c 'import json,sys; print(json.load(sys.stdin)["snapshot"]["compressed_size_bytes"])' <<<"$out") $(( t1 - t0 ))"
+  echo "$(python3 -c 'import json,sys; print(json.load(sys.stdin)["compressed_size_bytes"])' <<<"$out") $(( t1 - t0 ))"
 }
 # change ROUND: rewrites CHANGE % of the files (a different set each round).
 change() {
