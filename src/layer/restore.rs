@@ -90,17 +90,12 @@ impl LayerSyncManager {
                     source: Box::new(source),
                 })?;
 
-        self.record_fingerprint(id, &fingerprint, &entry.digest)
+        self.restored(id, &target, &entry, &manifest.current.digest, &fingerprint)
             .await?;
-        self.put_state(id, &entry.digest, &manifest.current.digest)
-            .await?;
-        self.index_restored(id, &target, &entry.digest).await;
         tracing::info!(%id, digest = %entry.digest, seq = entry.seq, target = %target.display(), "layer restored");
         Ok(Some(entry.snapshot(false)))
     }
-}
 
-impl LayerSyncManager {
     /// Restores a delta version: every archive of its chain is downloaded (concurrently, into
     /// private scratch files), then the base is extracted and the deltas applied in order into
     /// one staging dir, which replaces `target` only once every digest matched.
@@ -156,24 +151,30 @@ impl LayerSyncManager {
             remove_if_exists(spool)?;
         }
         let fingerprint = unpacked?;
-        self.record_fingerprint(id, &fingerprint, &entry.digest)
+        self.restored(id, target, entry, current, &fingerprint)
             .await?;
-        self.put_state(id, &entry.digest, current).await?;
-        self.index_restored(id, target, &entry.digest).await;
         tracing::info!(%id, digest = %entry.digest, seq = entry.seq, archives = archives.len(),
             target = %target.display(), "layer restored from its delta chain");
         Ok(entry.snapshot(false))
     }
-}
 
-impl LayerSyncManager {
-    /// Indexes a tree a restore just built (nothing else touched it yet), so the next sync of
-    /// `id` can upload only what changes from here. A failure only costs that sync a full
-    /// upload.
-    async fn index_restored(&self, id: &ContainerLayerId, target: &Path, digest: &str) {
+    /// What every restore records once `target` holds `entry`: its fingerprint and sync state,
+    /// and an index of the tree (nothing else touched it yet), so the next sync of `id` can
+    /// upload only what changes from here. A failed index only costs that sync a full upload.
+    async fn restored(
+        &self,
+        id: &ContainerLayerId,
+        target: &Path,
+        entry: &ManifestEntry,
+        current: &str,
+        fingerprint: &str,
+    ) -> Result<()> {
+        self.record_fingerprint(id, fingerprint, &entry.digest)
+            .await?;
+        self.put_state(id, &entry.digest, current).await?;
         let dest = target.to_path_buf();
         match blocking(move || archive::TreeIndex::of_tree(&dest)).await {
-            Ok(Ok(index)) => self.save_index(id, index, digest).await,
+            Ok(Ok(index)) => self.save_index(id, index, &entry.digest).await,
             Ok(Err(e)) => {
                 tracing::warn!(%id, error = %e, "cannot index the restored layer; the next sync uploads a full layer")
             }
@@ -181,6 +182,7 @@ impl LayerSyncManager {
                 tracing::warn!(%id, error = %e, "cannot index the restored layer; the next sync uploads a full layer")
             }
         }
+        Ok(())
     }
 }
 
