@@ -47,7 +47,7 @@ pub fn copy_tree(src: &Path, target: &Path, opts: &UnpackOptions) -> Result<Unpa
                 false,
                 None,
             )?;
-            write_tree(src, &mut out, None)?;
+            write_tree(src, &mut out, None, false)?;
             out.finish().map(|_| ())
         });
         let reader = SourceReader::new(

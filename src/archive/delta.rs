@@ -63,10 +63,10 @@ type Linked = (bool, Vec<Vec<u8>>);
 /// archive has no entry for them), and the tar paths of every hard-linked inode with a changed
 /// path: such an inode is written whole (its first path as the file, the others as links), so
 /// the restored paths share one inode again.
-fn list_now(upper: &Path, prev: &TreeIndex) -> Result<(Now, HashSet<Vec<u8>>)> {
+fn list_now(upper: &Path, prev: &TreeIndex, live: bool) -> Result<(Now, HashSet<Vec<u8>>)> {
     let mut now = HashMap::new();
     let mut inodes: HashMap<(u64, u64), Linked> = HashMap::new();
-    let mut walker = Walker::new(upper);
+    let mut walker = Walker::live(upper, live);
     while let Some(item) = walker.next_item()? {
         if !matches!(item.kind, ItemKind::Node | ItemKind::Whiteout) {
             continue;
@@ -80,11 +80,15 @@ fn list_now(upper: &Path, prev: &TreeIndex) -> Result<(Now, HashSet<Vec<u8>>)> {
             *changed |= prev.changed(&item.tar_path, &Token::of(m));
             paths.push(item.tar_path.clone());
         }
-        now.insert(fs_path(&item.tar_path), is_dir);
         if is_dir {
-            let fd = walker.open_dir(&item)?;
+            let fd = match walker.open_dir(&item) {
+                Ok(fd) => fd,
+                Err(_) if live => continue,
+                Err(e) => return Err(e),
+            };
             walker.descend(&item, fd, false)?;
         }
+        now.insert(fs_path(&item.tar_path), is_dir);
     }
     let relinked = inodes
         .into_values()
@@ -164,8 +168,14 @@ pub(super) fn pack_delta(
     observer: Option<&dyn SpoolObserver>,
     capture: &IndexBuilder,
 ) -> Result<(DeltaStats, TreeIndex)> {
-    let (now, relinked) = list_now(upper, prev)?;
-    let gone = removals(prev, &now);
+    let (now, relinked) = list_now(upper, prev, opts.live)?;
+    // A live tree may change between the two walks: its removals are decided by what the
+    // writing walk found, and written after everything else.
+    let gone = if opts.live {
+        Vec::new()
+    } else {
+        removals(prev, &now)
+    };
     let mut counts = (0u64, 0u64);
     let mut next_index: BTreeMap<Vec<u8>, Entry> = prev.entries.clone();
     let pack = pack_with(spool, opts, progress, observer, |out| {
@@ -178,6 +188,7 @@ pub(super) fn pack_delta(
             out,
             &mut next_index,
             &mut counts,
+            opts.live,
         )
     })?;
     let index = TreeIndex {
@@ -204,11 +215,14 @@ fn write_delta<W: Write>(
     out: &mut TarOut<'_, W>,
     next: &mut BTreeMap<Vec<u8>, Entry>,
     counts: &mut (u64, u64),
+    live: bool,
 ) -> Result<TreeStats> {
     let mut stats = TreeStats::default();
     let mut gone = gone.iter().peekable();
     let mut links = HashMap::new();
-    let mut walker = Walker::new(upper);
+    let mut walker = Walker::live(upper, live);
+    // What this walk found, for the removals of a live tree.
+    let mut seen: Now = HashMap::new();
     // Directories written in this delta: their opaque marker goes with them.
     let mut written_dirs: HashSet<Vec<u8>> = HashSet::new();
     let remove = |out: &mut TarOut<'_, W>,
@@ -257,11 +271,22 @@ fn write_delta<W: Write>(
                 let changed =
                     prev.changed(&item.tar_path, &token) || relinked.contains(&item.tar_path);
                 if !changed {
-                    if is_dir {
-                        write_node(&mut walker, &item, out, &mut links, false)?;
+                    if !is_dir || write_node(&mut walker, &item, out, &mut links, false)? {
+                        seen.insert(fs_path(&item.tar_path), is_dir);
                     }
                     continue;
                 }
+                if item.kind == ItemKind::Whiteout {
+                    out.header(&marker(&item.tar_path))?;
+                } else {
+                    if is_dir {
+                        written_dirs.insert(item.tar_path.clone());
+                    }
+                    if !write_node(&mut walker, &item, out, &mut links, true)? {
+                        continue;
+                    }
+                }
+                seen.insert(fs_path(&item.tar_path), is_dir);
                 // What this entry replaces leaves the index: another kind at the same name,
                 // and a directory's subtree when a non-directory took its place.
                 for key in same_fs_keys(&item.tar_path) {
@@ -278,14 +303,6 @@ fn write_delta<W: Write>(
                         racy: capture.is_racy(&token),
                     },
                 );
-                if item.kind == ItemKind::Whiteout {
-                    out.header(&marker(&item.tar_path))?;
-                } else {
-                    if is_dir {
-                        written_dirs.insert(item.tar_path.clone());
-                    }
-                    write_node(&mut walker, &item, out, &mut links, true)?;
-                }
                 stats.entries += 1;
                 counts.0 += 1;
             }
@@ -294,6 +311,12 @@ fn write_delta<W: Write>(
     for (tar_path, fs) in gone {
         remove(out, tar_path, fs, next)?;
         counts.1 += 1;
+    }
+    if live {
+        for (tar_path, fs) in removals(prev, &seen) {
+            remove(out, &tar_path, &fs, next)?;
+            counts.1 += 1;
+        }
     }
     Ok(stats)
 }

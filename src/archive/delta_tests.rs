@@ -28,6 +28,7 @@ fn opts() -> PackOptions {
     PackOptions {
         level: 3,
         workers: 1,
+        live: false,
     }
 }
 
@@ -255,7 +256,6 @@ fn remove_xattr(p: &Path, name: &str) {
 /// of its last state does.
 #[test]
 fn a_base_and_two_real_deltas_restore_exactly_the_last_state() {
-    use crate::archive::tests::{expected_after_restore, root_opts, snapshot};
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let up = dir.path().join("upper");
@@ -315,10 +315,106 @@ fn a_base_and_two_real_deltas_restore_exactly_the_last_state() {
     let (stats, _) = pack_delta_to_file(&up, &index, &d2, &opts(), None).unwrap();
     spools.push((d2, stats.pack.digest));
 
-    let target = dir.path().join("restored");
-    crate::archive::unpack_chain_files(&spools, &target, &root_opts(), None).unwrap();
-    let want = expected_after_restore(&up, crate::archive::XattrNs::Trusted);
-    let got = snapshot(&target);
+    assert_chain_restores(&spools, &dir.path().join("restored"), &up);
+}
+
+/// Live captures (a running container's first pass) of a tree that a thread keeps changing —
+/// files rewritten, truncated, deleted, dirs replaced by files and back, hard links made —
+/// never fail, and the chain they start, closed by one capture of the still tree, restores
+/// exactly that tree.
+#[test]
+fn live_captures_of_a_changing_tree_chain_to_the_still_tree() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("upper");
+    for d in 0..12 {
+        fs::create_dir_all(up.join(format!("d{d}"))).unwrap();
+        for f in 0..15 {
+            fs::write(up.join(format!("d{d}/f{f}")), vec![d as u8 + 1; 20_000]).unwrap();
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let (stop2, ops2, root) = (stop.clone(), ops.clone(), up.clone());
+    let mutator = std::thread::spawn(move || {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        while !stop2.load(Ordering::SeqCst) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let d = root.join(format!("d{}", x % 12));
+            let f = d.join(format!("f{}", (x >> 8) % 15));
+            // Errors are expected: the op raced another (a dir already gone, a file in the way).
+            let _ = match (x >> 16) % 7 {
+                0 => fs::write(&f, vec![(x >> 24) as u8 | 1; ((x >> 32) % 60_000) as usize]),
+                1 => fs::OpenOptions::new()
+                    .write(true)
+                    .open(&f)
+                    .and_then(|h| h.set_len((x >> 24) % 1000)),
+                2 => fs::remove_file(&f),
+                3 => fs::remove_dir_all(&d).and_then(|()| fs::create_dir(&d)),
+                4 => fs::remove_file(&f)
+                    .or_else(|_| fs::remove_dir_all(&f))
+                    .and_then(|()| fs::create_dir(&f)),
+                5 => fs::hard_link(&f, d.join(format!("h{}", (x >> 40) % 5))),
+                _ => fs::remove_dir_all(&f).and_then(|()| fs::write(&f, b"was a dir")),
+            };
+            ops2.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let live = PackOptions {
+        live: true,
+        ..opts()
+    };
+    let mut spools = Vec::new();
+    let base = dir.path().join("base.tar.zst");
+    let captured =
+        crate::archive::pack_capture(&up, &base, &live, None, None, crate::archive::Capture::Full)
+            .unwrap();
+    spools.push((base, captured.stats.digest));
+    let mut index = captured.index;
+    for round in 0..4 {
+        let spool = dir.path().join(format!("live{round}.tar.zst"));
+        let c = crate::archive::pack_capture(
+            &up,
+            &spool,
+            &live,
+            None,
+            None,
+            crate::archive::Capture::Delta(&index),
+        )
+        .unwrap();
+        spools.push((spool, c.stats.digest));
+        index = c.index;
+    }
+    stop.store(true, Ordering::SeqCst);
+    mutator.join().unwrap();
+    assert!(
+        ops.load(Ordering::SeqCst) > 100,
+        "the tree changed during the captures"
+    );
+    let still = dir.path().join("still.tar.zst");
+    let c = crate::archive::pack_capture(
+        &up,
+        &still,
+        &opts(),
+        None,
+        None,
+        crate::archive::Capture::Delta(&index),
+    )
+    .unwrap();
+    spools.push((still, c.stats.digest));
+
+    assert_chain_restores(&spools, &dir.path().join("restored"), &up);
+}
+
+/// Restores the chain `spools` into `target` and checks it equals what a restore of `up` gives.
+fn assert_chain_restores(spools: &[(std::path::PathBuf, String)], target: &Path, up: &Path) {
+    use crate::archive::tests::{expected_after_restore, root_opts, snapshot};
+    crate::archive::unpack_chain_files(spools, target, &root_opts(), None).unwrap();
+    let want = expected_after_restore(up, crate::archive::XattrNs::Trusted);
+    let got = snapshot(target);
     assert_eq!(
         want.keys().collect::<Vec<_>>(),
         got.keys().collect::<Vec<_>>()

@@ -102,6 +102,11 @@ impl XattrNs {
 pub struct PackOptions {
     pub level: i32,
     pub workers: u32,
+    /// The tree may change while it is read (a checkpoint's first pass over a running
+    /// container): entries that vanish are left out and files that shrink are padded, instead
+    /// of failing. The archive is then of no single instant; only what it records in its index
+    /// is exact, so a later capture resends whatever moved.
+    pub live: bool,
 }
 
 impl Default for PackOptions {
@@ -110,6 +115,7 @@ impl Default for PackOptions {
         PackOptions {
             level: 3,
             workers: u32::try_from(cpus.clamp(1, 8)).unwrap_or(1),
+            live: false,
         }
     }
 }

@@ -29,36 +29,41 @@ pub fn write_tree<W: Write>(
     upper: &Path,
     out: &mut TarOut<'_, W>,
     mut index: Option<&mut IndexBuilder>,
+    live: bool,
 ) -> Result<TreeStats> {
     let mut stats = TreeStats::default();
-    let mut walker = Walker::new(upper);
+    let mut walker = Walker::live(upper, live);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     while let Some(item) = walker.next_item()? {
-        if let (Some(b), Some(meta), ItemKind::Node | ItemKind::Whiteout) =
-            (index.as_deref_mut(), &item.meta, item.kind)
-        {
-            b.record(&item.tar_path, meta);
-        }
+        // Recorded once written: an entry a live walk skipped must not be in the index.
+        let record = |index: &mut Option<&mut IndexBuilder>| {
+            if let (Some(b), Some(meta), ItemKind::Node | ItemKind::Whiteout) =
+                (index.as_deref_mut(), &item.meta, item.kind)
+            {
+                b.record(&item.tar_path, meta);
+            }
+        };
         match item.kind {
             ItemKind::Socket => {
                 tracing::warn!(path = %item.fs_path.display(), "skipping socket: sockets cannot be archived");
                 stats.skipped_sockets.push(item.rel_path);
             }
             ItemKind::Whiteout | ItemKind::OpaqueMarker => {
+                record(&mut index);
                 out.header(&marker(&item.tar_path))?;
                 stats.entries += 1;
             }
             ItemKind::Node => {
-                write_node(&mut walker, &item, out, &mut links, true)?;
-                stats.entries += 1;
+                if write_node(&mut walker, &item, out, &mut links, true)? {
+                    record(&mut index);
+                    stats.entries += 1;
+                }
             }
         }
     }
     Ok(stats)
 }
 
-/// Writes one node (a directory's header only when `header`; either way it is listed, its
-/// children coming next, with the opaque marker only after a written header).
 /// The header of a whiteout or opaque marker: their metadata is invisible in the merged view,
 /// so fixed values keep the output stable.
 pub(super) fn marker(tar_path: &[u8]) -> EntryMeta<'_> {
@@ -78,15 +83,29 @@ pub(super) fn marker(tar_path: &[u8]) -> EntryMeta<'_> {
     }
 }
 
+/// Writes one node (a directory's header only when `header`; either way it is listed, its
+/// children coming next, with the opaque marker only after a written header). Returns false
+/// when a live walk found the node gone (or replaced) before writing anything of it.
 pub(super) fn write_node<W: Write>(
     walker: &mut Walker,
     item: &Item,
     out: &mut TarOut<'_, W>,
     links: &mut HashMap<(u64, u64), Vec<u8>>,
     header: bool,
-) -> Result<()> {
+) -> Result<bool> {
+    let live = walker.is_live();
+    // In a live walk, a node that vanished before anything of it was written is skipped.
+    macro_rules! or_gone {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) if live && vanished(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        };
+    }
     let Some(meta) = item.meta.as_ref() else {
-        return Ok(());
+        return Ok(true);
     };
     let path = &item.fs_path;
     let ft = meta.file_type();
@@ -95,8 +114,9 @@ pub(super) fn write_node<W: Write>(
             ft == FileType::Directory,
             "only directories are listed without a header"
         );
-        let dir = walker.open_dir(item)?;
-        return walker.descend(item, dir, false);
+        let dir = or_gone!(walker.open_dir(item));
+        walker.descend(item, dir, false)?;
+        return Ok(true);
     }
     let mtime = (meta.mtime(), meta.mtime_nsec());
     let mut entry = EntryMeta {
@@ -113,47 +133,54 @@ pub(super) fn write_node<W: Write>(
         protattr: None,
         remove: false,
     };
+    // The first written path of a hard-linked inode; its later paths link to it.
+    let mut first_link = None;
     if ft != FileType::Directory && meta.nlink() > 1 {
-        match links.entry((meta.dev(), meta.ino())) {
-            std::collections::hash_map::Entry::Occupied(first) => {
-                entry.etype = EntryType::Link;
-                entry.link = Some(first.into_mut());
-                return out.header(&entry);
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(item.tar_path.clone());
-            }
+        if let Some(first) = links.get(&(meta.dev(), meta.ino())) {
+            entry.etype = EntryType::Link;
+            entry.link = Some(first);
+            out.header(&entry)?;
+            return Ok(true);
         }
+        first_link = Some((meta.dev(), meta.ino()));
     }
     match ft {
         FileType::Directory => {
-            let dir = walker.open_dir(item)?;
-            let classified = xattr::read_classified(path, xattr::of_fd(&dir))?;
+            let dir = or_gone!(walker.open_dir(item));
+            let classified = or_gone!(xattr::read_classified(path, xattr::of_fd(&dir)));
             entry.xattrs = &classified.portable;
             entry.protattr = classified.protattr.as_deref();
             entry.etype = EntryType::Directory;
             out.header(&entry)?;
-            return walker.descend(item, dir, classified.opaque);
+            walker.descend(item, dir, classified.opaque)?;
+            return Ok(true);
         }
         FileType::RegularFile => {
-            let file = walker.open_file(item)?;
-            let classified = xattr::read_classified(path, xattr::of_fd(&file))?;
+            let file = or_gone!(walker.open_file(item));
+            if live && !same_inode(&file, meta) {
+                return Ok(false);
+            }
+            let classified = or_gone!(xattr::read_classified(path, xattr::of_fd(&file)));
             entry.xattrs = &classified.portable;
             entry.protattr = classified.protattr.as_deref();
             entry.size = meta.size();
             out.header(&entry)?;
+            if let Some(key) = first_link {
+                links.insert(key, item.tar_path.clone());
+            }
             let sparse = meta.blocks().saturating_mul(512) < meta.size();
-            return out.file_data(&file, path, meta.size(), sparse);
+            out.file_data(&file, path, meta.size(), sparse, live)?;
+            return Ok(true);
         }
         _ => {}
     }
-    let classified = xattr::read_classified(path, xattr::Source::Path)?;
+    let classified = or_gone!(xattr::read_classified(path, xattr::Source::Path));
     entry.xattrs = &classified.portable;
     entry.protattr = classified.protattr.as_deref();
     let target;
     match ft {
         FileType::Symlink => {
-            target = item.read_link()?;
+            target = or_gone!(item.read_link());
             entry.etype = EntryType::Symlink;
             entry.link = Some(target.as_bytes());
         }
@@ -171,7 +198,38 @@ pub(super) fn write_node<W: Write>(
         FileType::Fifo => entry.etype = EntryType::Fifo,
         _ => {}
     }
-    out.header(&entry)
+    out.header(&entry)?;
+    if let Some(key) = first_link {
+        links.insert(key, item.tar_path.clone());
+    }
+    Ok(true)
+}
+
+/// Whether an error means the entry was removed or replaced after it was listed.
+fn vanished(e: &ArchiveError) -> bool {
+    let io = match e {
+        ArchiveError::Io { source, .. } => source,
+        _ => return false,
+    };
+    io.kind() == io::ErrorKind::NotFound
+        || matches!(
+            io.raw_os_error(),
+            Some(libc_errno) if libc_errno == rustix::io::Errno::NOTDIR.raw_os_error()
+                || libc_errno == rustix::io::Errno::LOOP.raw_os_error()
+                || libc_errno == rustix::io::Errno::NXIO.raw_os_error()
+        )
+}
+
+/// Whether the open `file` is still the regular file `meta` was listed as.
+fn same_inode(file: &File, meta: &super::walk::Meta) -> bool {
+    match rustix::fs::fstat(file) {
+        Ok(st) => {
+            st.st_ino == meta.ino()
+                && st.st_dev == meta.dev()
+                && FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+        }
+        Err(_) => false,
+    }
 }
 
 /// Writes compressed bytes to the spool while hashing them.
@@ -225,7 +283,7 @@ pub fn pack_to_file(
     index: Option<&mut IndexBuilder>,
 ) -> Result<PackStats> {
     pack_with(spool, opts, progress, observer, |out| {
-        write_tree(upper, out, index)
+        write_tree(upper, out, index, opts.live)
     })
 }
 

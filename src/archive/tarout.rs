@@ -256,7 +256,17 @@ impl<'a, W: Write> TarOut<'a, W> {
     }
 
     /// Streams `size` bytes of `file` as entry data; holes are emitted as zeros without reading.
-    pub fn file_data(&mut self, file: &File, path: &Path, size: u64, sparse: bool) -> Result<()> {
+    /// With `live` (the file may be written meanwhile), a file that shrinks or cannot be read
+    /// further is padded with zeros to `size`: the entry is torn and its index token will not
+    /// match the file's next state, so a later capture writes it again.
+    pub fn file_data(
+        &mut self,
+        file: &File,
+        path: &Path,
+        size: u64,
+        sparse: bool,
+        live: bool,
+    ) -> Result<()> {
         if size > BUF_SIZE as u64 {
             let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
         }
@@ -280,6 +290,10 @@ impl<'a, W: Write> TarOut<'a, W> {
                     .unwrap_or(usize::MAX)
                     .min(self.buf.len() - self.fill);
                 let n = match file.read_at(&mut self.buf[self.fill..self.fill + room], pos) {
+                    Ok(0) | Err(_) if live => {
+                        self.push_zeros(size - pos)?;
+                        return self.pad(size);
+                    }
                     Ok(0) => {
                         return Err(ArchiveError::FileChanged {
                             path: path.to_owned(),

@@ -324,7 +324,17 @@ pub(super) fn root_opts() -> UnpackOptions {
 
 fn pack(src: &Path, dir: &Path, workers: u32) -> (PathBuf, PackStats) {
     let spool = dir.join(format!("spool-{workers}-{}.tar.zst", rand_suffix()));
-    let stats = pack_to_file(src, &spool, &PackOptions { level: 3, workers }, None).unwrap();
+    let stats = pack_to_file(
+        src,
+        &spool,
+        &PackOptions {
+            level: 3,
+            workers,
+            live: false,
+        },
+        None,
+    )
+    .unwrap();
     (spool, stats)
 }
 

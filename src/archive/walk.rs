@@ -169,6 +169,8 @@ pub struct Walker {
     root: PathBuf,
     root_fd: Option<OwnedFd>,
     stack: Vec<Frame>,
+    /// See [`super::PackOptions::live`]: entries gone by the time they are looked at are skipped.
+    live: bool,
 }
 
 impl std::fmt::Debug for Walker {
@@ -185,7 +187,19 @@ impl Walker {
             root: root.to_owned(),
             root_fd: None,
             stack: Vec::new(),
+            live: false,
         }
+    }
+
+    /// A walker of a tree that may change under it (see [`super::PackOptions::live`]).
+    pub fn live(root: &Path, live: bool) -> Self {
+        let mut w = Self::new(root);
+        w.live = live;
+        w
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live
     }
 
     /// The next item in archive order.
@@ -254,8 +268,9 @@ impl Walker {
     }
 
     /// Opens a regular file item for reading.
+    /// Non-blocking, so a FIFO swapped in after the listing cannot hang the read.
     pub fn open_file(&self, item: &Item) -> Result<std::fs::File> {
-        item.open(self.root_fd()?, OFlags::RDONLY)
+        item.open(self.root_fd()?, OFlags::RDONLY | OFlags::NONBLOCK)
             .map(std::fs::File::from)
     }
 
@@ -282,13 +297,17 @@ impl Walker {
                 continue;
             }
             let name = OsStr::from_bytes(bytes).to_owned();
-            let stat = rustix::fs::statat(&fd, cname, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| {
-                ArchiveError::Io {
-                    op: "stat",
-                    path: dir.fs_path.join(&name),
-                    source: e.into(),
+            let stat = match rustix::fs::statat(&fd, cname, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(rustix::io::Errno::NOENT) if self.live => continue,
+                Err(e) => {
+                    return Err(ArchiveError::Io {
+                        op: "stat",
+                        path: dir.fs_path.join(&name),
+                        source: e.into(),
+                    });
                 }
-            })?;
+            };
             let meta = Meta(stat);
             if bytes.starts_with(WHITEOUT_PREFIX) {
                 return Err(ArchiveError::ReservedName {

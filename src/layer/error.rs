@@ -117,7 +117,30 @@ pub enum LayerError {
     },
     #[error("background task failed")]
     Join(#[source] tokio::task::JoinError),
+    #[error("cannot pause the writers of {id} for a checkpoint")]
+    Quiesce {
+        id: ContainerLayerId,
+        #[source]
+        source: QuiesceError,
+    },
+    #[error(
+        "checkpoint of {id}: the frozen pass over {path} did not finish within the {budget_ms} ms pause budget; resumed the writers, nothing published"
+    )]
+    PauseBudget {
+        id: ContainerLayerId,
+        path: PathBuf,
+        budget_ms: u64,
+    },
+    #[error("cannot resume the writers of {id} after a checkpoint")]
+    Resume {
+        id: ContainerLayerId,
+        #[source]
+        source: QuiesceError,
+    },
 }
+
+/// What a [`crate::layer::Quiesce`] implementation reports (the freezer, containerd, ...).
+pub type QuiesceError = Box<dyn std::error::Error + Send + Sync>;
 
 pub type Result<T> = std::result::Result<T, LayerError>;
 

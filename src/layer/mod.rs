@@ -3,6 +3,9 @@
 //! can restore the identity's current layer. Its journal in the state database ([`StateDb`])
 //! keeps each identity's sync state and the multipart upload journal the stores resume from.
 
+mod checkpoint;
+#[cfg(test)]
+mod checkpoint_tests;
 mod collect;
 mod error;
 mod history;
@@ -28,7 +31,8 @@ pub mod types {
     };
 }
 
-pub use error::LayerError;
+pub use checkpoint::{CheckpointOptions, CheckpointOutcome, Paused, Quiesce};
+pub use error::{LayerError, QuiesceError};
 pub use history::{Forgotten, IdentitySummary, RollbackOutcome};
 pub use journal::{LAYER_MIGRATIONS, StateDb, SyncRecord};
 pub use manager::{LayerSyncManager, TAR_FORMAT, TAR_FORMAT_VERSION, zstd_library_version};

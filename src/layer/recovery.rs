@@ -47,6 +47,12 @@ impl LayerSyncManager {
             if !self.intact_or_dropped(&intent, &spool).await? {
                 continue;
             }
+            if !self.fresh_links_kept(&intent).await? {
+                let inner = Arc::clone(&self.inner);
+                let (id, digest) = (intent.identity.clone(), intent.snapshot.digest.clone());
+                blocking(move || inner.staging.finish(&id, &digest)).await??;
+                continue;
+            }
             tracing::info!(id = %intent.identity, digest = %intent.snapshot.digest, "finishing interrupted sync");
             self.publish(&intent, &spool, None, true, None).await?;
             done += 1;

@@ -45,6 +45,11 @@ pub struct Intent {
     /// [`super::manifest::ManifestEntry::chain`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<super::manifest::ChainLink>,
+    /// Digests of `chain` that no manifest referenced when this was staged (a checkpoint's
+    /// first pass): a resumed publish makes sure they are still stored before the manifest
+    /// names them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fresh_links: Vec<String>,
 }
 
 /// Paths inside the staging dir.
@@ -308,6 +313,7 @@ mod tests {
             base: None,
             started_at: Utc::now(),
             chain: Vec::new(),
+            fresh_links: Vec::new(),
         }
     }
 

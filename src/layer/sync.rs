@@ -148,12 +148,14 @@ impl LayerSyncManager {
             ticket,
             started_at,
         } = fresh;
-        let plan = self.delta_plan(id, manifest.as_ref()).await;
+        let plan = self.delta_plan(id, manifest.as_ref(), 1).await;
         let (prev, chain) = match plan {
             Some((index, chain)) => (Some(index), chain),
             None => (None, Vec::new()),
         };
-        let (packed, captured, stream) = self.pack(id, upper, opts.progress.clone(), prev).await?;
+        let (packed, captured, stream) = self
+            .pack(id, upper, opts.progress.clone(), prev, false)
+            .await?;
         let stats = &captured.stats;
         let snapshot = LayerSnapshot {
             digest: stats.digest.clone(),
@@ -193,6 +195,7 @@ impl LayerSyncManager {
             } else {
                 Vec::new()
             },
+            fresh_links: Vec::new(),
         };
         let staging_intent = intent.clone();
         let inner = Arc::clone(&self.inner);
@@ -218,15 +221,17 @@ impl LayerSyncManager {
 
     /// Whether the next version of `id` can be a delta, and on what: this node's index must
     /// describe the manifest's current version exactly, and the chain must stay within
-    /// `delta_chain_max` deltas adding up to less than `delta_max_percent` of its base.
-    async fn delta_plan(
+    /// `delta_chain_max` deltas (after adding `room` more) adding up to less than
+    /// `delta_max_percent` of its base.
+    pub(super) async fn delta_plan(
         &self,
         id: &ContainerLayerId,
         manifest: Option<&LayerManifest>,
+        room: usize,
     ) -> Option<(archive::TreeIndex, Vec<ChainLink>)> {
         let cfg = &self.inner.config;
         let current = &manifest?.current;
-        if cfg.delta_chain_max == 0 || current.chain.len() >= cfg.delta_chain_max {
+        if current.chain.len() + room > cfg.delta_chain_max {
             return None;
         }
         let this = ChainLink {
@@ -280,17 +285,19 @@ impl LayerSyncManager {
 
     /// Packs `upper` into a temp spool, streaming it to the store as it grows where the
     /// backend supports that.
-    async fn pack(
+    pub(super) async fn pack(
         &self,
         id: &ContainerLayerId,
         upper: &Path,
         progress: Option<LayerProgress>,
         prev: Option<archive::TreeIndex>,
+        live: bool,
     ) -> Result<(PathBuf, archive::Captured, Option<Streaming>)> {
         let spool = self.inner.staging.temp_path("pack");
         let opts = PackOptions {
             level: self.inner.config.compression_level,
             workers: self.inner.config.compression_workers,
+            live,
         };
         let (watcher, created) = SpoolWatcher::new();
         let (upper2, spool2) = (upper.to_path_buf(), spool.clone());
@@ -369,7 +376,7 @@ impl LayerSyncManager {
         }
     }
 
-    fn format(&self, stats: &archive::PackStats) -> ArchiveFormat {
+    pub(super) fn format(&self, stats: &archive::PackStats) -> ArchiveFormat {
         ArchiveFormat {
             tar_format: TAR_FORMAT.to_string(),
             tar_format_version: TAR_FORMAT_VERSION,
@@ -396,19 +403,66 @@ impl LayerSyncManager {
     ) -> Result<SyncOutcome> {
         let id = &intent.identity;
         let digest = &intent.snapshot.digest;
-        let key = blob_key(digest);
-        let total = intent.snapshot.compressed_size_bytes;
-        let meta = LayerMeta {
+        let (upload, meta_bytes) = self
+            .upload_archive(
+                id,
+                &intent.snapshot,
+                &intent.format,
+                spool,
+                progress,
+                stream,
+            )
+            .await?;
+        let (seq, moved) = self.advance_manifest(intent, resumed).await?;
+        if moved && upload.already_existed {
+            self.ensure_stored(id, digest, spool, meta_bytes).await?;
+        }
+        let local_state = async {
+            self.put_state(id, digest, digest).await?;
+            if let Some(fp) = &intent.fingerprint {
+                self.record_fingerprint(id, fp, digest).await?;
+            }
+            Ok(())
+        };
+        let inner = Arc::clone(&self.inner);
+        let (id2, digest2) = (id.clone(), digest.clone());
+        let staging_done = async { blocking(move || inner.staging.finish(&id2, &digest2)).await? };
+        tokio::try_join!(local_state, staging_done)?;
+        tracing::info!(%id, %digest, seq, manifest_moved = moved, parts_sent = upload.parts_sent,
+            parts_reused = upload.parts_reused, "layer synced");
+        Ok(SyncOutcome {
             identity: id.clone(),
             snapshot: intent.snapshot.clone(),
-            format: intent.format.clone(),
+            seq,
+            manifest_moved: moved,
+            upload: Some(upload),
+        })
+    }
+
+    /// Uploads a packed archive (finishing `stream` if packing started one) and its metadata
+    /// object; nothing references it until a manifest does. Returns the metadata bytes.
+    pub(super) async fn upload_archive(
+        &self,
+        id: &ContainerLayerId,
+        snapshot: &LayerSnapshot,
+        format: &ArchiveFormat,
+        spool: &Path,
+        progress: Option<LayerProgress>,
+        stream: Option<Streaming>,
+    ) -> Result<(UploadSummary, Vec<u8>)> {
+        let key = blob_key(&snapshot.digest);
+        let total = snapshot.compressed_size_bytes;
+        let meta = LayerMeta {
+            identity: id.clone(),
+            snapshot: snapshot.clone(),
+            format: format.clone(),
         };
         let meta_bytes =
             serde_json::to_vec_pretty(&meta).map_err(|source| LayerError::Serialize {
                 what: "layer metadata",
                 source,
             })?;
-        let mkey = meta_key(digest);
+        let mkey = meta_key(&snapshot.digest);
         let uploaded = async {
             match stream {
                 Some(st) => {
@@ -449,31 +503,7 @@ impl LayerSyncManager {
             parts_reused: report.parts_reused,
             already_existed: report.already_existed,
         };
-
-        let (seq, moved) = self.advance_manifest(intent, resumed).await?;
-        if moved && report.already_existed {
-            self.ensure_stored(id, digest, spool, meta_bytes).await?;
-        }
-        let local_state = async {
-            self.put_state(id, digest, digest).await?;
-            if let Some(fp) = &intent.fingerprint {
-                self.record_fingerprint(id, fp, digest).await?;
-            }
-            Ok(())
-        };
-        let inner = Arc::clone(&self.inner);
-        let (id2, digest2) = (id.clone(), digest.clone());
-        let staging_done = async { blocking(move || inner.staging.finish(&id2, &digest2)).await? };
-        tokio::try_join!(local_state, staging_done)?;
-        tracing::info!(%id, %digest, seq, manifest_moved = moved, parts_sent = upload.parts_sent,
-            parts_reused = upload.parts_reused, "layer synced");
-        Ok(SyncOutcome {
-            identity: id.clone(),
-            snapshot: intent.snapshot.clone(),
-            seq,
-            manifest_moved: moved,
-            upload: Some(upload),
-        })
+        Ok((upload, meta_bytes))
     }
 
     /// Re-uploads the blob (and metadata) of a manifest that just moved to them if they are gone.

@@ -141,7 +141,7 @@ impl ObjectStore for Counting {
     }
 }
 
-use super::testenv::SharedStore as Env;
+pub(super) use super::testenv::SharedStore as Env;
 
 impl Env {
     pub(super) async fn counting_node(
@@ -251,7 +251,7 @@ async fn sync_then_restore_on_an_empty_node_round_trips() {
     assert_no_spools(&env, "b");
 }
 
-fn assert_no_spools(env: &Env, node: &str) {
+pub(super) fn assert_no_spools(env: &Env, node: &str) {
     for sub in ["tmp", "ready"] {
         let dir = env.path(node).join("staging").join(sub);
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
@@ -763,7 +763,7 @@ async fn a_delta_version_restores_through_its_chain_on_another_node() {
     assert_no_spools(&env, "b");
 }
 
-fn random_bytes(n: u64) -> Vec<u8> {
+pub(super) fn random_bytes(n: u64) -> Vec<u8> {
     use std::io::Read;
     let mut out = Vec::new();
     std::fs::File::open("/dev/urandom")
