@@ -8,6 +8,7 @@ mod containerd_e2e;
 mod containerd_events;
 mod containerd_restore;
 mod control;
+mod freezer;
 mod hook;
 mod hook_runc;
 mod layer_cli;

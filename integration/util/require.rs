@@ -102,3 +102,36 @@ pub fn root(test: &str) -> bool {
     ran(Component::Root, test);
     true
 }
+
+/// How to get root and a cgroup freezer, for [`missing`].
+pub const INSTALL_FREEZER: &str = "run the tests as root on a host with a cgroup v1 `freezer` \
+    hierarchy or a cgroup2 mount in /proc/self/mountinfo (`sudo bash integration/test.sh`)";
+
+/// Root and a cgroup freezer (a v1 `freezer` hierarchy or cgroup2) for `test`: `true` when
+/// present (recorded as a root test), otherwise see [`missing`].
+#[must_use]
+pub fn cgroup_freezer(test: &str) -> bool {
+    if !rustix::process::geteuid().is_root() {
+        return missing(test, "root", INSTALL_FREEZER);
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let has_freezer = mounts.lines().any(|l| {
+        l.split_once(" - ").is_some_and(|(_, fs)| {
+            let mut f = fs.split(' ');
+            match (f.next(), f.nth(1)) {
+                (Some("cgroup2"), _) => true,
+                (Some("cgroup"), Some(opts)) => opts.split(',').any(|o| o == "freezer"),
+                _ => false,
+            }
+        })
+    });
+    if !has_freezer {
+        return missing(
+            test,
+            "a cgroup freezer (no v1 freezer hierarchy or cgroup2 mount is mounted)",
+            INSTALL_FREEZER,
+        );
+    }
+    ran(Component::Root, test);
+    true
+}

@@ -13,29 +13,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-/// `\ooo` octal escapes decoded; anything else is kept as is.
-fn unescape(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        if field[i] == b'\\'
-            && let Some(digits) = field.get(i + 1..i + 4)
-            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
-        {
-            let value = digits
-                .iter()
-                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-            if let Ok(byte) = u8::try_from(value) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(field[i]);
-        i += 1;
-    }
-    out
-}
+use crate::sys::mountinfo::unescape;
 
 /// The filesystem type and super options of the last (topmost) mount at `mount_point`.
 fn last_mount_at<'a>(mountinfo: &'a [u8], mount_point: &[u8]) -> Option<(&'a [u8], &'a [u8])> {
