@@ -4,6 +4,7 @@
 
 mod archive_hostile;
 mod archive_overlay;
+mod containerd_checkpoint;
 mod containerd_e2e;
 mod containerd_events;
 mod containerd_restore;

@@ -46,6 +46,9 @@ pub enum Command {
     Hook(HookCommand),
     /// Ask the running daemon to sync a stopped container's layer to the store now.
     Flush(FlushArgs),
+    /// Ask the running daemon for a crash-consistent checkpoint of a running container now
+    /// (frozen for at most checkpoint_pause_ms); exits 0 once it is durable in the store.
+    Checkpoint(CheckpointArgs),
     /// Drop an identity's layer from the store (asks for confirmation).
     Forget(ForgetArgs),
     /// SQLite databases replicated to the store: WAL shipped continuously, restored latest or
@@ -149,6 +152,18 @@ pub struct FlushArgs {
     /// being written may be captured half-written, like a copy taken while they change.
     #[arg(long)]
     pub allow_running: bool,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    /// A container id (in --namespace), or an identity SERVICE/INSTANCE.
+    pub target: String,
+    /// containerd namespace of a container id.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,

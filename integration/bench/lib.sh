@@ -95,6 +95,7 @@ s3_() {
 }
 
 # start_snapshotter PART_SIZE_BYTES: config + daemon; sets ZL_SOCKET, ZL_CONFIG, ZL_ROOT.
+# ZL_SNAPSHOTTER_EXTRA: more `[snapshotter]` lines.
 start_snapshotter() {
     local part=${1:-67108864} z=$BENCH_DIR/zlayer
     mkdir -p "$z"
@@ -122,6 +123,7 @@ socket = "$ZL_SOCKET"
 control_socket = "$BENCH_DIR/control.sock"
 containerd_address = "$BENCH_DIR/containerd/containerd.sock"
 persist = "labeled"
+${ZL_SNAPSHOTTER_EXTRA:-}
 EOF
     RUST_LOG=info "$ZLAYER_BIN" --config "$ZL_CONFIG" snapshotter >"$z/snapshotter.log" 2>&1 &
     BENCH_PIDS+=($!)

@@ -318,12 +318,92 @@ impl Node {
     /// containerd's root and state, then start both fresh (same store) and import the image again.
     pub fn lose_disk_and_restart(&mut self) {
         self.containerd.stop();
+        self.wipe_and_start_fresh();
+    }
+
+    /// Wipes both daemons' disks (both stopped) and starts them fresh with the image imported.
+    fn wipe_and_start_fresh(&mut self) {
         self.snapshotter.wipe();
         self.containerd.wipe();
         self.snapshotter.spawn();
         self.containerd.spawn();
         self.containerd.import_image(SNAPSHOTTER);
         self.containerd.import_image(OVERLAYFS);
+    }
+}
+
+impl Node {
+    /// Sudden node loss: SIGKILL the snapshotter, containerd, its shims and every process whose
+    /// command line holds `marker` (the containers), with nothing stopped first; then unmount,
+    /// wipe both daemons' disks and start both fresh (same store), as on a replacement node.
+    pub fn crash_and_lose_disk(&mut self, marker: &str) {
+        self.snapshotter.kill9();
+        self.containerd.kill_daemon();
+        procs::kill_shims_of(&self.containerd.address);
+        let victims: Vec<u32> = procs::processes()
+            .into_iter()
+            .filter(|p| p.argv.iter().any(|a| a.contains(marker)))
+            .map(|p| p.pid)
+            .collect();
+        for pid in &victims {
+            // A container the dead snapshotter left frozen would hold its SIGKILL pending.
+            thaw_cgroup_of(*pid);
+            procs::signal(*pid, rustix::process::Signal::KILL);
+        }
+        wait_until(
+            "the killed containers to exit",
+            Duration::from_secs(30),
+            || {
+                victims
+                    .iter()
+                    .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+            },
+        );
+        unmount_under(self.dir.path());
+        let runc_state = Path::new("/run/containerd/runc").join(&self.containerd.namespace);
+        let _ = fs::remove_dir_all(runc_state);
+        self.wipe_and_start_fresh();
+    }
+}
+
+/// The freezer cgroup dir of `pid` (v1 `freezer` line, else the v2 path under the cgroup2
+/// mount), if it is not the root.
+pub fn freezer_of(pid: u32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if path == "/" {
+            continue;
+        }
+        let rel = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "freezer") {
+            return Some(Path::new("/sys/fs/cgroup/freezer").join(rel));
+        }
+        if controllers.is_empty() {
+            for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+                let dir = Path::new(root).join(rel);
+                if dir.join("cgroup.freeze").exists() {
+                    return Some(dir);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Whether the freezer cgroup `dir` is frozen (v1 `freezer.state`, v2 `cgroup.freeze`).
+pub fn cgroup_frozen(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("freezer.state"))
+        .map(|s| s.trim() != "THAWED")
+        .or_else(|_| fs::read_to_string(dir.join("cgroup.freeze")).map(|s| s.trim() == "1"))
+        .unwrap_or(false)
+}
+
+fn thaw_cgroup_of(pid: u32) {
+    if let Some(dir) = freezer_of(pid) {
+        let _ = fs::write(dir.join("freezer.state"), "THAWED");
+        let _ = fs::write(dir.join("cgroup.freeze"), "0");
     }
 }
 

@@ -375,6 +375,11 @@ fn live_captures_of_a_changing_tree_chain_to_the_still_tree() {
     spools.push((base, captured.stats.digest));
     let mut index = captured.index;
     for round in 0..4 {
+        // Each capture starts with the mutator demonstrably at work.
+        let before = ops.load(Ordering::SeqCst);
+        while ops.load(Ordering::SeqCst) < before + 40 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let spool = dir.path().join(format!("live{round}.tar.zst"));
         let c = crate::archive::pack_capture(
             &up,

@@ -13,6 +13,7 @@
 //!
 //! Errors are printed once, here, as one line with the whole cause chain.
 
+mod checkpoint;
 mod db;
 mod flush;
 mod forget;
@@ -113,6 +114,7 @@ pub fn dispatch(cli: Cli) -> u8 {
             Command::Version | Command::Hook(_) => Ok(exit::OK),
             Command::Snapshotter(args) => snapshotter::run(&config, &args, activated).await,
             Command::Flush(args) => flush::run(&config, args).await,
+            Command::Checkpoint(args) => checkpoint::run(&config, args).await,
             Command::Forget(args) => forget::run(&config, args).await,
             Command::Db(command) => db::run(&config, command).await,
         }

@@ -12,7 +12,7 @@ use zlayer_storage::control::{self, Control};
 use zlayer_storage::metrics::MetricsServer;
 use zlayer_storage::snapshotter::containers::ContainerdContainers;
 use zlayer_storage::snapshotter::events::{ContainerdEvents, WatchOptions, Watcher};
-use zlayer_storage::snapshotter::persist::{PersistOptions, Persistence};
+use zlayer_storage::snapshotter::persist::{CheckpointSettings, PersistOptions, Persistence};
 use zlayer_storage::snapshotter::{Snapshotter, server};
 use zlayer_storage::sys::overlay::OverlayFeatures;
 use zlayer_storage::sys::systemd::{self, Activated};
@@ -98,6 +98,16 @@ pub async fn run(
     );
     let worker = persistence.spawn_worker(stop.clone());
     let flusher = persistence.spawn_flusher(stop.clone());
+    persistence.configure_checkpoints(CheckpointSettings {
+        interval: Duration::from_secs(config.snapshotter.checkpoint_interval_secs),
+        pause: Duration::from_millis(config.snapshotter.checkpoint_pause_ms),
+        concurrency: config.snapshotter.checkpoint_concurrency,
+    });
+    // Checkpoints freeze a container's processes, found through containerd's task.
+    let checkpointer = config
+        .snapshotter
+        .container_lookup
+        .then(|| persistence.spawn_checkpointer(stop.clone()));
     let (control_listener, control_file) = control_socket.into_tokio().with_context(|| {
         format!(
             "cannot serve {}",
@@ -144,6 +154,11 @@ pub async fn run(
     }
     if let Err(e) = flusher.await {
         tracing::warn!(error = %e, "flusher ended abnormally");
+    }
+    if let Some(c) = checkpointer
+        && let Err(e) = c.await
+    {
+        tracing::warn!(error = %e, "checkpoint scheduler ended abnormally");
     }
     if let Some(watcher) = watcher
         && let Err(e) = watcher.await

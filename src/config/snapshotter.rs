@@ -62,6 +62,15 @@ pub struct SnapshotterConfig {
     pub exit_grace_secs: u64,
     /// How long a flush request (CLI, hook with `--wait`) waits by default.
     pub flush_timeout_secs: u64,
+    /// How often a running persisted container gets a crash-consistent checkpoint (its recovery
+    /// point if the node dies); 0 = never. A container's `zlayer.checkpoint-interval` label
+    /// (seconds) overrides it.
+    pub checkpoint_interval_secs: u64,
+    /// Longest a checkpoint may keep a container frozen (reaching the freeze plus the pass
+    /// over what changed); past it the container is thawed and the checkpoint retried later.
+    pub checkpoint_pause_ms: u64,
+    /// Checkpoints running at once on this node.
+    pub checkpoint_concurrency: usize,
 }
 
 impl SnapshotterConfig {
@@ -79,6 +88,12 @@ impl SnapshotterConfig {
         }
         if self.flush_timeout_secs == 0 {
             return Err(invalid("flush_timeout_secs", 0, "must be at least 1"));
+        }
+        if self.checkpoint_pause_ms == 0 {
+            return Err(invalid("checkpoint_pause_ms", 0, "must be at least 1"));
+        }
+        if self.checkpoint_concurrency == 0 {
+            return Err(invalid("checkpoint_concurrency", 0, "must be at least 1"));
         }
         if self.control_socket == self.socket {
             return Err(invalid(
@@ -105,6 +120,9 @@ impl Default for SnapshotterConfig {
             watch_events: true,
             exit_grace_secs: 3,
             flush_timeout_secs: 300,
+            checkpoint_interval_secs: 300,
+            checkpoint_pause_ms: 200,
+            checkpoint_concurrency: 1,
         }
     }
 }

@@ -101,8 +101,8 @@ mod tests {
     use super::*;
     use crate::proto::control::control_server::{Control, ControlServer};
     use crate::proto::control::{
-        FlushRequest, FlushResponse, ForgetRequest, ForgetResponse, ListRequest, ListResponse,
-        StatusRequest, StatusResponse,
+        CheckpointRequest, CheckpointResponse, FlushRequest, FlushResponse, ForgetRequest,
+        ForgetResponse, ListRequest, ListResponse, StatusRequest, StatusResponse,
     };
 
     /// Answers `Status` with a marker store name and counts the calls; the other calls fail
@@ -133,6 +133,12 @@ mod tests {
             _: Request<ForgetRequest>,
         ) -> Result<Response<ForgetResponse>, Status> {
             Err(Status::unimplemented("forget"))
+        }
+        async fn checkpoint(
+            &self,
+            _: Request<CheckpointRequest>,
+        ) -> Result<Response<CheckpointResponse>, Status> {
+            Err(Status::unimplemented("checkpoint"))
         }
     }
 

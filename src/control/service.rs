@@ -144,6 +144,35 @@ impl ControlRpc for ControlService {
         let removed = self.control.forget(&identity).await?;
         Ok(Response::new(pb::ForgetResponse { removed }))
     }
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let req = request.into_inner().target.unwrap_or_default();
+        let target = flush_target(&req)?;
+        let trigger = if req.trigger.is_empty() {
+            "api"
+        } else {
+            req.trigger.as_str()
+        };
+        let done = self
+            .control
+            .persistence
+            .checkpoint_now(target, trigger)
+            .await
+            .map_err(ControlError::from)?;
+        Ok(Response::new(pb::CheckpointResponse {
+            identity: done.identity.to_string(),
+            digest: done.digest,
+            seq: done.seq,
+            unchanged: done.unchanged,
+            pause_us: u64::try_from(done.paused.as_micros()).unwrap_or(u64::MAX),
+            bytes: done.bytes,
+            at_unix_ms: unix_ms(done.at_ns),
+            user_paused: done.user_paused,
+        }))
+    }
 }
 
 impl Control {
@@ -240,15 +269,24 @@ impl Control {
                 })
                 .collect();
             let (p3, id3) = (std::sync::Arc::clone(&p), id.clone());
-            let (flushes, synced) = tokio::task::spawn_blocking(move || {
+            let (flushes, synced, checkpoint) = tokio::task::spawn_blocking(move || {
                 Ok::<_, ControlError>((
                     p3.recent_flushes(&id3, FLUSHES_SHOWN)?,
                     p3.synced_seq(&id3)?,
+                    p3.checkpoint_state(&id3)?,
                 ))
             })
             .await
             .map_err(|e| ControlError::invalid(format!("status task failed: {e}")))??;
             st.synced_seq = synced;
+            if let Some(c) = checkpoint {
+                st.durable_unix_ms = c.durable_ns.map_or(0, unix_ms);
+                st.checkpoint_attempted_unix_ms = unix_ms(c.attempted_ns);
+                st.checkpoint_failures = c.failures;
+                st.checkpoint_error = c.last_error.unwrap_or_default();
+                st.checkpoint_pause_us = c.pause_us.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+                st.checkpoint_bytes = c.bytes.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+            }
             st.flushes = flushes
                 .into_iter()
                 .map(|f| pb::FlushState {

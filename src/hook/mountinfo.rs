@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use crate::sys::mountinfo::unescape;
+use crate::util::mountinfo::unescape;
 
 /// The filesystem type and super options of the last (topmost) mount at `mount_point`.
 fn last_mount_at<'a>(mountinfo: &'a [u8], mount_point: &[u8]) -> Option<(&'a [u8], &'a [u8])> {

@@ -204,6 +204,62 @@ impl MetricConstructor<Histogram> for DurationHistogram {
 
 type Durations<L> = Family<L, Histogram, DurationHistogram>;
 
+/// How a checkpoint of a running container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CheckpointOutcome {
+    /// A new version is current.
+    Durable,
+    /// Nothing changed since the current version.
+    Unchanged,
+    /// The pause overran its budget or the freezer did not freeze in time.
+    PauseTimeout,
+    Failed,
+}
+
+impl CheckpointOutcome {
+    const ALL: [Self; 4] = [
+        Self::Durable,
+        Self::Unchanged,
+        Self::PauseTimeout,
+        Self::Failed,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Durable => "durable",
+            Self::Unchanged => "unchanged",
+            Self::PauseTimeout => "pause_timeout",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+label_value!(CheckpointOutcome);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CheckpointLabels {
+    outcome: CheckpointOutcome,
+}
+
+/// Pause bounds in seconds: the default budget is 0.2 s.
+const PAUSE_BUCKETS: [f64; 11] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.5, 1.0,
+];
+/// Compressed bytes a checkpoint uploads: from a few KiB of changes to a full layer.
+const BYTES_BUCKETS: [f64; 10] = [
+    1024.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+    1_073_741_824.0,
+];
+
 #[derive(Debug)]
 struct Metrics {
     registry: Registry,
@@ -219,6 +275,10 @@ struct Metrics {
     flush_queue: Gauge,
     last_successful_flush: Gauge<f64, AtomicU64>,
     events_connected: Gauge,
+    checkpoints: Family<CheckpointLabels, Counter>,
+    checkpoint_pause: Histogram,
+    checkpoint_bytes: Histogram,
+    oldest_recovery_point: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -237,7 +297,14 @@ impl Metrics {
             flush_queue: Gauge::default(),
             last_successful_flush: Gauge::default(),
             events_connected: Gauge::default(),
+            checkpoints: Family::default(),
+            checkpoint_pause: Histogram::new(PAUSE_BUCKETS),
+            checkpoint_bytes: Histogram::new(BYTES_BUCKETS),
+            oldest_recovery_point: Gauge::default(),
         };
+        for outcome in CheckpointOutcome::ALL {
+            drop(m.checkpoints.get_or_create(&CheckpointLabels { outcome }));
+        }
         // Counters of every label value exist from the start, so `rate()` and `increase()` see
         // the first increment instead of a series appearing at 1.
         for kind in ErrorKind::ALL {
@@ -308,6 +375,29 @@ impl Metrics {
             "events_connected",
             "1 while containerd's event stream is connected, else 0",
             m.events_connected.clone(),
+        );
+        r.register(
+            "checkpoints",
+            "Checkpoints of running containers, by how they ended",
+            m.checkpoints.clone(),
+        );
+        r.register_with_unit(
+            "checkpoint_pause",
+            "How long a checkpoint kept its container frozen",
+            Unit::Seconds,
+            m.checkpoint_pause.clone(),
+        );
+        r.register_with_unit(
+            "checkpoint_upload",
+            "Compressed bytes a successful checkpoint uploaded (both passes)",
+            Unit::Bytes,
+            m.checkpoint_bytes.clone(),
+        );
+        r.register_with_unit(
+            "oldest_recovery_point_age",
+            "Age of the oldest recovery point among running persisted containers: what the worst of them would lose if the node died now",
+            Unit::Seconds,
+            m.oldest_recovery_point.clone(),
         );
         m
     }
@@ -421,6 +511,30 @@ pub fn set_outbox(queued: usize, dead: usize) {
 /// `n` flush requests are recorded and not yet finished.
 pub fn set_flush_queue(n: usize) {
     metrics().flush_queue.set(to_gauge(n));
+}
+
+/// A checkpoint ended; `pause` and `bytes` when it got that far.
+pub fn checkpoint_finished(
+    outcome: CheckpointOutcome,
+    pause: Option<Duration>,
+    bytes: Option<u64>,
+) {
+    let m = metrics();
+    m.checkpoints
+        .get_or_create(&CheckpointLabels { outcome })
+        .inc();
+    if let Some(p) = pause {
+        m.checkpoint_pause.observe(p.as_secs_f64());
+    }
+    if let Some(b) = bytes {
+        #[allow(clippy::cast_precision_loss)]
+        m.checkpoint_bytes.observe(b as f64);
+    }
+}
+
+/// The oldest recovery point among running persisted containers is `age` old.
+pub fn set_oldest_recovery_point(age: Duration) {
+    metrics().oldest_recovery_point.set(age.as_secs_f64());
 }
 
 /// Whether containerd's event stream is connected.

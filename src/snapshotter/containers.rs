@@ -85,6 +85,11 @@ pub trait ContainerLookup: Send + Sync + std::fmt::Debug {
     async fn get(&self, namespace: &str, id: &str) -> Result<Option<ContainerRecord>, LookupError>;
     /// The state of the container's task.
     async fn task_status(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError>;
+    /// The state of the container's task and its init process id (0 when there is none or
+    /// the lookup cannot tell, as for lookups that only know states).
+    async fn task(&self, namespace: &str, id: &str) -> Result<(TaskStatus, u32), LookupError> {
+        Ok((self.task_status(namespace, id).await?, 0))
+    }
 }
 
 /// The containerd Containers API over its unix socket. The channel connects lazily, so the
@@ -178,12 +183,16 @@ impl ContainerLookup for ContainerdContainers {
     }
 
     async fn task_status(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError> {
+        Ok(self.get_task(namespace, id).await?.0)
+    }
+
+    async fn task(&self, namespace: &str, id: &str) -> Result<(TaskStatus, u32), LookupError> {
         self.get_task(namespace, id).await
     }
 }
 
 impl ContainerdContainers {
-    async fn get_task(&self, namespace: &str, id: &str) -> Result<TaskStatus, LookupError> {
+    async fn get_task(&self, namespace: &str, id: &str) -> Result<(TaskStatus, u32), LookupError> {
         use containerd_client::services::v1::GetRequest;
         use containerd_client::services::v1::tasks_client::TasksClient;
         use containerd_client::types::v1::Status;
@@ -204,18 +213,19 @@ impl ContainerdContainers {
         match reply {
             Ok(reply) => {
                 let Some(process) = reply.into_inner().process else {
-                    return Ok(TaskStatus::Absent);
+                    return Ok((TaskStatus::Absent, 0));
                 };
-                Ok(match Status::try_from(process.status) {
+                let status = match Status::try_from(process.status) {
                     Ok(Status::Created) => TaskStatus::Created,
                     Ok(Status::Running) => TaskStatus::Running,
                     Ok(Status::Stopped) => TaskStatus::Stopped,
                     Ok(Status::Paused) => TaskStatus::Paused,
                     Ok(Status::Pausing) => TaskStatus::Pausing,
                     Ok(Status::Unknown) | Err(_) => TaskStatus::Unknown,
-                })
+                };
+                Ok((status, process.pid))
             }
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(TaskStatus::Absent),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok((TaskStatus::Absent, 0)),
             Err(s) => Err(LookupError::Rpc {
                 namespace: namespace.to_string(),
                 id: id.to_string(),

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
-use super::mountinfo::unescape;
+use crate::util::mountinfo::unescape;
 
 /// The default pause budget of a checkpoint.
 pub const DEFAULT_BUDGET: Duration = Duration::from_millis(200);
@@ -236,6 +236,12 @@ impl Freezer {
             Kind::V1 => format!("echo THAWED > {}", self.dir.join("freezer.state").display()),
             Kind::V2 => format!("echo 0 > {}", self.dir.join("cgroup.freeze").display()),
         }
+    }
+
+    /// Thaws the cgroup whoever froze it: only for a cgroup this daemon recorded freezing and
+    /// could not thaw (killed mid-pause); a user's pause is never undone through this.
+    pub fn thaw(&self) -> Result<(), FreezerError> {
+        self.write_state(false)
     }
 
     /// The current state. Under v1, frozen by an ancestor reads `Frozen` too; under v2 an

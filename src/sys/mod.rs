@@ -2,7 +2,6 @@
 
 /// Pausing one container through its cgroup freezer, for checkpoints.
 pub mod freezer;
-pub(crate) mod mountinfo;
 pub mod overlay;
 /// Private (0600/0700) files and directories; lives in the leaf `util` so `archive` can use it.
 pub use crate::util::private;

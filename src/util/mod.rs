@@ -1,5 +1,6 @@
 //! Small helpers shared by several folders. A leaf module: std only.
 
+pub(crate) mod mountinfo;
 pub mod private;
 
 use std::ffi::OsString;

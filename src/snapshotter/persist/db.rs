@@ -35,6 +35,10 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "snapshotter: flush requests",
         sql: super::flush_db::SCHEMA_V3,
     },
+    Migration {
+        name: "snapshotter: checkpoints and freezes",
+        sql: super::checkpoint_db::SCHEMA_V4,
+    },
 ];
 
 /// `want_*`: the identity a snapshot asks for (snapshot label at Prepare, container label at

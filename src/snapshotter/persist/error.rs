@@ -164,6 +164,30 @@ pub enum PersistError {
     NoSuchFlush { request: i64 },
     #[error("persistence is not attached to a snapshotter yet")]
     NotOpen,
+    #[error(
+        "container {namespace}/{container} has no running task (task {status}); a checkpoint is \
+         for running containers — flush a stopped one"
+    )]
+    NotRunning {
+        namespace: String,
+        container: String,
+        status: String,
+    },
+    #[error("cannot find the cgroup of container {namespace}/{container} (pid {pid})")]
+    Cgroup {
+        namespace: String,
+        container: String,
+        pid: u32,
+        #[source]
+        source: Box<crate::sys::freezer::FreezerError>,
+    },
+    #[error("checkpoint of {identity} from {path} failed")]
+    Checkpoint {
+        identity: ContainerLayerId,
+        path: PathBuf,
+        #[source]
+        source: Box<LayerError>,
+    },
     #[error("persistence task failed")]
     Join(#[source] tokio::task::JoinError),
 }
@@ -200,7 +224,7 @@ impl PersistError {
             | Self::SnapshotGone { .. }
             | Self::FlushTargetNotFound { .. }
             | Self::NoSuchFlush { .. } => Code::NotFound,
-            Self::ContainerRunning { .. } => Code::FailedPrecondition,
+            Self::ContainerRunning { .. } | Self::NotRunning { .. } => Code::FailedPrecondition,
             Self::TaskLookupFailed { .. } => Code::Unavailable,
             Self::FlushTimeout { .. } => Code::DeadlineExceeded,
             Self::FlushFailed { .. } => Code::Aborted,
@@ -211,6 +235,8 @@ impl PersistError {
             Self::Restore { .. }
             | Self::LocalCopy { .. }
             | Self::Sync { .. }
+            | Self::Checkpoint { .. }
+            | Self::Cgroup { .. }
             | Self::Io { .. }
             | Self::Marker { .. }
             | Self::Db { .. }
@@ -229,6 +255,7 @@ impl PersistError {
     pub fn is_store_fault(&self) -> bool {
         match self {
             Self::Sync { source, .. }
+            | Self::Checkpoint { source, .. }
             | Self::Restore { source, .. }
             | Self::StoreUnavailable { source, .. } => is_store_fault(source),
             Self::Shared(e) => e.is_store_fault(),

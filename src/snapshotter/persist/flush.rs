@@ -15,8 +15,7 @@
 //! - A running container is refused unless the caller waives crash consistency; callers that
 //!   know the task stopped (hook at poststop, task events) say so and skip the check.
 
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +29,7 @@ use crate::snapshotter::key::BackendKey;
 use super::db::{self, Resolution, SnapshotRow};
 use super::error::{PersistError, Result};
 use super::flush_db::{self, FlushRow, FlushState};
-use super::flush_target::{Found, find, live_dir};
+use super::flush_target::{Found, find, live_dir, open_followed};
 use super::{Persistence, error_chain};
 
 /// What to flush.
@@ -407,6 +406,10 @@ impl Persistence {
         let (outcome, retry) = match result {
             Ok(done) => {
                 flush_ended(&row, Outcome::succeeded(done.2));
+                if row.crash_consistent {
+                    // The stopped container's upper as of the request is stored.
+                    self.note_durable(&row.identity, row.requested_ns).await;
+                }
                 tracing::info!(request = id, identity = %row.identity, digest = %done.0, seq = done.1,
                     unchanged = done.2, trigger = %row.trigger, ms = started.elapsed().as_millis() as u64,
                     "flush durable");
@@ -484,17 +487,7 @@ impl Persistence {
             self.refuse_restarted(&row.key).await?;
         }
         let dir = att.snapshots.join(snapshot_id.to_string());
-        // A Remove may rename the dir into the outbox while we read; the descriptor follows it.
-        let opened = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || std::fs::File::open(dir))
-                .await
-                .map_err(PersistError::Join)?
-        };
-        let handle = opened.map_err(PersistError::io("open snapshot dir", &dir))?;
-        let upper = Path::new("/proc/self/fd")
-            .join(handle.as_raw_fd().to_string())
-            .join("fs");
+        let (handle, upper) = open_followed(&dir).await?;
         let seq_id = row.identity.clone();
         let seq = self
             .write_async("allocate sequence number", move |c| {

@@ -1,6 +1,6 @@
 //! Resolving a flush target to the snapshot it names (blocking; database reads only).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
@@ -33,6 +33,24 @@ pub(super) fn live_dir(
     }
     let record = meta::get(c, key).map_err(|e| PersistError::Meta(Box::new(e)))?;
     Ok(record.map(|r| (r.id, row.base)))
+}
+
+/// Opens the snapshot dir `dir` and names its upper through the descriptor: a Remove may rename
+/// the dir into the outbox while a flush or checkpoint reads it, and the descriptor follows it.
+/// Keep the file open while reading the path.
+pub(super) async fn open_followed(dir: &Path) -> Result<(std::fs::File, PathBuf)> {
+    use std::os::fd::AsRawFd;
+    let opened = {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::File::open(dir))
+            .await
+            .map_err(PersistError::Join)?
+    };
+    let handle = opened.map_err(PersistError::io("open snapshot dir", dir))?;
+    let upper = Path::new("/proc/self/fd")
+        .join(handle.as_raw_fd().to_string())
+        .join("fs");
+    Ok((handle, upper))
 }
 
 /// Resolves a target to the live persisted snapshot, or the identity's queued layers.

@@ -19,6 +19,8 @@
 //! - **Operators** ([`status`]): queued layers, dead letters and quarantined entries, read by
 //!   the `status` and `gc` commands from the metadata database.
 
+mod checkpoint;
+mod checkpoint_db;
 mod db;
 mod error;
 mod flush;
@@ -59,6 +61,8 @@ use super::hooks::{
     CommitEvent, OpenContext, PersistenceHooks, RemoveDisposition, RemoveEvent, SnapshotEvent,
 };
 
+pub use checkpoint::{CheckpointDone, CheckpointSettings, INTERVAL_LABEL};
+pub use checkpoint_db::CheckpointRow;
 pub use db::{Location, MIGRATIONS, OutboxRow, Resolution};
 pub use error::PersistError;
 use error::Result;
@@ -120,6 +124,8 @@ pub struct Persistence {
     flush_wake: Notify,
     /// Wakes flush waiters when a request (or a queued layer) finishes.
     flush_done: Notify,
+    /// Checkpoint settings and limits, once configured.
+    checkpoints: OnceLock<checkpoint::Checkpoints>,
 }
 
 impl std::fmt::Debug for Persistence {
@@ -235,6 +241,7 @@ impl Persistence {
             wake: Notify::new(),
             flush_wake: Notify::new(),
             flush_done: Notify::new(),
+            checkpoints: OnceLock::new(),
         })
     }
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Checkpoint pause benchmark (issue 10 §4): how long a checkpoint keeps a running container
+# frozen, on a 10,000-file upper that a writer inside the container keeps changing (about 1 %
+# of its files a second), through the real path: containerd, runc, the cgroup freezer, the
+# daemon's control socket (`zlayer-storage checkpoint`), Garage.
+#
+#   integration/bench/checkpoint.sh [N]      N checkpoints (default 30), one a second
+#
+# Env: ZLAYER_BIN (skip the build), GARAGE_BIN, BENCH_FILES (10000), BENCH_BUDGET_MS (200).
+# Prints the pause's p50 / p99 / max and the bytes per checkpoint. Target: pause p99 ≤ 200 ms.
+# No baseline ratio: the target is an absolute bound on the time the container is frozen.
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+N=${1:-30}
+FILES=${BENCH_FILES:-10000}
+BUDGET_MS=${BENCH_BUDGET_MS:-200}
+DIRS=$(( FILES / 100 ))
+
+bench_init
+trap bench_cleanup EXIT
+bench_build
+start_garage
+ZL_SNAPSHOTTER_EXTRA="checkpoint_interval_secs = 0
+checkpoint_pause_ms = $BUDGET_MS" start_snapshotter
+start_containerd
+import_image zlayer
+
+host=$BENCH_DIR/host
+mkdir -p "$host"
+# $DIRS dirs of 100 files (~1 KiB each), then, every 0.1 s, 10 of them rewritten.
+script="mkdir -p /data; i=0; pad=x
+for k in 1 2 3 4 5 6 7 8 9; do pad=\"\$pad\$pad\"; done
+while [ \$i -lt $DIRS ]; do mkdir /data/d\$i; j=0
+  while [ \$j -lt 100 ]; do echo \"file \$i \$j \$pad\" > /data/d\$i/f\$j; j=\$((j+1)); done
+  i=\$((i+1)); done
+echo > /zl-in/ready
+n=0
+while true; do k=0
+  while [ \$k -lt 10 ]; do n=\$((n+1)); echo \"step \$n\" > /data/d\$((n % $DIRS))/f\$(( (n / $DIRS) % 100 )); k=\$((k+1)); done
+  sleep 0.1; done"
+ctr_ run -d --snapshotter zlayer --label zlayer.id=bench/ckpt \
+    --mount "type=bind,src=$host,dst=/zl-in,options=rbind:rw" \
+    "$IMAGE_REF" ck /bin/sh -c "$script" >/dev/null
+wait_for 300 "the container to write its $FILES files" test -e "$host/ready"
+ckpt() { "$ZLAYER_BIN" --config "$ZL_CONFIG" checkpoint ck --namespace "$BENCH_NS" --json; }
+# The first checkpoint uploads the whole upper (its first pass is a full layer).
+first=$(ckpt)
+log "first checkpoint: $first"
+out=$BENCH_DIR/checkpoints.jsonl
+for (( r = 1; r <= N; r++ )); do
+    sleep 1
+    t0=$(now_ns)
+    ckpt | tr -d '\n' >>"$out"
+    echo " $(( ($(now_ns) - t0) / 1000000 ))" >>"$out"
+done
+python3 - "$out" "$BUDGET_MS" "$FILES" <<'PY'
+import json, sys
+rows = []
+for line in open(sys.argv[1]):
+    body, wall = line.rsplit(" ", 1)
+    rows.append((json.loads(body), int(wall)))
+pauses = sorted(r["pause_us"] / 1000 for r, _ in rows)
+bytes_ = sorted(int(r["bytes"]) for r, _ in rows)
+walls = sorted(w for _, w in rows)
+def pct(v, p):
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+budget = float(sys.argv[2])
+print(f"checkpoints: {len(rows)} on a {sys.argv[3]}-file upper, ~100 files rewritten per second")
+print(f"pause ms: p50 {pct(pauses, 50):.1f}, p99 {pct(pauses, 99):.1f}, max {pauses[-1]:.1f} (budget {budget:.0f})")
+print(f"bytes per checkpoint: p50 {pct(bytes_, 50)}, max {bytes_[-1]}")
+print(f"checkpoint wall time ms (CLI call, both passes and the upload): p50 {pct(walls, 50)}, max {walls[-1]}")
+ok = pct(pauses, 99) <= 200
+print(f"{'PASS' if ok else 'FAIL'}  pause p99 <= 200 ms")
+PY
