@@ -195,5 +195,41 @@ fn print_daemon(s: &StatusResponse) {
         if !i.remote_error.is_empty() {
             println!("    store: {}", i.remote_error);
         }
+        print_checkpoint(i);
     }
+}
+
+/// The identity's recovery point and last checkpoint, when it has either.
+fn print_checkpoint(i: &zlayer_storage::proto::control::IdentityStatus) {
+    if i.durable_unix_ms == 0 && i.checkpoint_attempted_unix_ms == 0 {
+        return;
+    }
+    let age = |ms: i64| {
+        let secs = (chrono::Utc::now().timestamp_millis() - ms).max(0) / 1000;
+        format!("{secs} s ago")
+    };
+    let point = if i.durable_unix_ms > 0 {
+        age(i.durable_unix_ms)
+    } else {
+        "none yet".to_string()
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let last = if i.checkpoint_attempted_unix_ms == 0 {
+        "none yet".to_string()
+    } else if i.checkpoint_failures > 0 {
+        format!(
+            "{} failed in a row, last {}: {}",
+            i.checkpoint_failures,
+            age(i.checkpoint_attempted_unix_ms),
+            i.checkpoint_error
+        )
+    } else {
+        format!(
+            "last {}: frozen {:.1} ms, {} bytes",
+            age(i.checkpoint_attempted_unix_ms),
+            i.checkpoint_pause_us as f64 / 1000.0,
+            i.checkpoint_bytes
+        )
+    };
+    println!("    recovery point {point}; checkpoints: {last}");
 }

@@ -28,18 +28,19 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::layer::types::ContainerLayerId;
-use crate::layer::{CheckpointOptions, LayerError, Paused, Quiesce, QuiesceError};
+use crate::layer::{CheckpointOptions, LayerError};
 use crate::metrics::{self, CheckpointOutcome};
 use crate::snapshotter::containers::TaskStatus;
 use crate::snapshotter::key::BackendKey;
-use crate::sys::freezer::{FreezeState, Freezer, FrozenGuard};
+use crate::sys::freezer::{FreezeState, Freezer};
 
 use super::checkpoint_db::{self, CheckpointRow, Stored};
 use super::db;
 use super::error::{PersistError, Result};
 use super::flush::FlushTarget;
 use super::flush_target::{Found, find, live_dir, open_followed};
-use super::{Persistence, error_chain, write_db};
+use super::freeze::CgroupPause;
+use super::{Persistence, error_chain};
 
 /// Container label overriding `checkpoint_interval_secs` for one container (seconds, 0 = off).
 pub const INTERVAL_LABEL: &str = "zlayer.checkpoint-interval";
@@ -283,12 +284,7 @@ impl Persistence {
                 db::next_seq(c, &seq_id)
             })
             .await?;
-        let quiesce = Arc::new(CgroupPause {
-            persistence: Arc::clone(self),
-            freezer,
-            key: key.to_string(),
-            paused_at: Mutex::new(None),
-        });
+        let quiesce = Arc::new(CgroupPause::new(Arc::clone(self), freezer, key));
         let opts = CheckpointOptions {
             seq: Some(seq),
             base: Some(base),
@@ -309,11 +305,7 @@ impl Persistence {
             db::note_synced(c, &id3, synced)
         })
         .await?;
-        let (at_ns, user_paused) = quiesce
-            .paused_at
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .unwrap_or((now_ns(), false));
+        let (at_ns, user_paused) = quiesce.paused_at().unwrap_or((now_ns(), false));
         Ok(CheckpointDone {
             identity: identity.clone(),
             digest: out.sync.snapshot.digest.clone(),
@@ -543,7 +535,7 @@ fn ns_between(from: i64, to: i64) -> Duration {
     Duration::from_nanos(u64::try_from(to.saturating_sub(from)).unwrap_or(0))
 }
 
-fn now_ns() -> i64 {
+pub(super) fn now_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
 }
 
@@ -554,125 +546,6 @@ fn is_pause_timeout(e: &PersistError) -> bool {
             LayerError::PauseBudget { .. } | LayerError::Quiesce { .. }
         ),
         _ => false,
-    }
-}
-
-/// The container's cgroup freezer as a checkpoint's pause; see the module docs.
-struct CgroupPause {
-    persistence: Arc<Persistence>,
-    freezer: Freezer,
-    key: String,
-    /// When the freeze was reached (unix ns), and whether the user had paused it already.
-    paused_at: Mutex<Option<(i64, bool)>>,
-}
-
-impl CgroupPause {
-    fn cgroup(&self) -> String {
-        self.freezer.dir().display().to_string()
-    }
-
-    fn unmark(&self) {
-        let cgroup = self.cgroup();
-        if let Ok(att) = self.persistence.attached()
-            && let Err(e) = write_db(&att.db, "forget a freeze", |c| {
-                checkpoint_db::unmark_frozen(c, &cgroup)
-            })
-        {
-            tracing::warn!(cgroup, error = %error_chain(&e), "cannot forget a freeze (the next start thaws it again, harmlessly)");
-        }
-    }
-}
-
-impl Quiesce for CgroupPause {
-    fn pause(&self, budget: Duration) -> std::result::Result<Box<dyn Paused>, QuiesceError> {
-        // A container the user paused is already still: capture it as it is, never thaw it.
-        if self.freezer.state()? == FreezeState::Frozen {
-            let guard = self.freezer.freeze(budget)?;
-            if guard.already_frozen() {
-                *self
-                    .paused_at
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((now_ns(), true));
-                return Ok(Box::new(Frozen {
-                    guard: Some(guard),
-                    owner: None,
-                }));
-            }
-            // Thawed between the two looks: ours now, so recorded like any freeze of ours.
-            guard.thaw()?;
-        }
-        let att = self.persistence.attached()?;
-        let cgroup = self.cgroup();
-        write_db(&att.db, "record a freeze", |c| {
-            checkpoint_db::mark_frozen(c, &cgroup, &self.key, now_ns())
-        })?;
-        match self.freezer.freeze(budget) {
-            Ok(guard) => {
-                let user = guard.already_frozen();
-                *self
-                    .paused_at
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((now_ns(), user));
-                if user {
-                    self.unmark();
-                }
-                Ok(Box::new(Frozen {
-                    guard: Some(guard),
-                    owner: Some(CgroupMark {
-                        persistence: Arc::clone(&self.persistence),
-                        cgroup,
-                    }),
-                }))
-            }
-            Err(e) => {
-                // The freezer thawed it again before failing.
-                self.unmark();
-                Err(Box::new(e))
-            }
-        }
-    }
-}
-
-/// What forgets the freeze record once the cgroup is thawed.
-struct CgroupMark {
-    persistence: Arc<Persistence>,
-    cgroup: String,
-}
-
-struct Frozen {
-    guard: Option<FrozenGuard>,
-    owner: Option<CgroupMark>,
-}
-
-impl Frozen {
-    fn release(&mut self) -> std::result::Result<(), QuiesceError> {
-        let Some(guard) = self.guard.take() else {
-            return Ok(());
-        };
-        guard.thaw()?;
-        if let Some(mark) = self.owner.take()
-            && let Ok(att) = mark.persistence.attached()
-            && let Err(e) = write_db(&att.db, "forget a freeze", |c| {
-                checkpoint_db::unmark_frozen(c, &mark.cgroup)
-            })
-        {
-            tracing::warn!(cgroup = mark.cgroup, error = %error_chain(&e), "cannot forget a freeze (the next start thaws it again, harmlessly)");
-        }
-        Ok(())
-    }
-}
-
-impl Paused for Frozen {
-    fn resume(mut self: Box<Self>) -> std::result::Result<(), QuiesceError> {
-        self.release()
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        if let Err(e) = self.release() {
-            tracing::error!(error = %e, "cannot thaw a container after a checkpoint");
-        }
     }
 }
 

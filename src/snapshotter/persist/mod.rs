@@ -26,6 +26,7 @@ mod error;
 mod flush;
 mod flush_db;
 mod flush_target;
+mod freeze;
 pub mod identity;
 mod jobs;
 mod outbox;
