@@ -3,6 +3,8 @@
 //! can restore the identity's current layer. Its journal in the state database ([`StateDb`])
 //! keeps each identity's sync state and the multipart upload journal the stores resume from.
 
+#[cfg(test)]
+mod chain_tests;
 mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;

@@ -3,14 +3,14 @@
 //! download (parallel ranged GETs) fills the spool, and swaps the tree in only after the digest
 //! of the whole archive matched.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::error::{LayerError, Result, store};
 use super::manager::{LayerSyncManager, blocking};
 use super::manifest::{ManifestEntry, VersionSelector, blob_key};
 use super::options::RestoreOptions;
 use super::spool::remove_if_exists;
-use super::stream::{RestoreJob, download_and_unpack};
+use super::stream::{ChainArchive, RestoreJob, download_and_unpack, download_and_unpack_chain};
 use super::types::{ContainerLayerId, LayerSnapshot};
 use crate::archive::{self, UnpackOptions};
 use crate::config::LayerStorageConfig;
@@ -96,9 +96,10 @@ impl LayerSyncManager {
         Ok(Some(entry.snapshot(false)))
     }
 
-    /// Restores a delta version: every archive of its chain is downloaded (concurrently, into
-    /// private scratch files), then the base is extracted and the deltas applied in order into
-    /// one staging dir, which replaces `target` only once every digest matched.
+    /// Restores a delta version through its chain (see [`download_and_unpack_chain`]): the base
+    /// streams into one staging dir while the deltas download beside it, and the tree replaces
+    /// `target` only once every archive was applied and matched its digest. A failure names the
+    /// key of the archive it concerns.
     async fn restore_chain(
         &self,
         id: &ContainerLayerId,
@@ -107,50 +108,45 @@ impl LayerSyncManager {
         target: &Path,
         opts: RestoreOptions,
     ) -> Result<LayerSnapshot> {
-        let archives: Vec<(String, PathBuf)> = entry
+        let sizes = entry
+            .chain
+            .iter()
+            .map(|l| l.compressed_size_bytes)
+            .chain(std::iter::once(entry.compressed_size_bytes));
+        let archives: Vec<ChainArchive> = entry
             .archives()
-            .map(|d| (d.to_string(), self.inner.staging.temp_path("restore")))
-            .collect();
-        let fetched = futures::future::join_all(archives.iter().map(|(digest, spool)| {
-            let key = blob_key(digest);
-            async move {
-                self.inner
-                    .store
-                    .download_to_file(&key, spool, None)
-                    .await
-                    .map_err(store(&key))
-            }
-        }))
-        .await;
-        let unpacked = async {
-            let mut bytes = 0;
-            for f in fetched {
-                bytes += f?;
-            }
-            crate::metrics::downloaded(bytes);
-            let layers: Vec<(PathBuf, String)> = archives
-                .iter()
-                .map(|(d, p)| (p.clone(), d.clone()))
-                .collect();
-            let limits = chain_limits(&self.inner.config, entry, opts.xattr_ns);
-            let dest = target.to_path_buf();
-            let done = blocking(move || {
-                archive::unpack_chain_files(&layers, &dest, &limits, None)?;
-                archive::fingerprint(&dest)
+            .zip(sizes)
+            .map(|(digest, compressed)| ChainArchive {
+                key: blob_key(digest),
+                spool: self.inner.staging.temp_path("restore"),
+                digest: digest.to_string(),
+                compressed,
             })
-            .await?;
-            done.map_err(|source| LayerError::Unpack {
+            .collect();
+        let limits = chain_limits(&self.inner.config, entry, opts.xattr_ns);
+        let outcome =
+            download_and_unpack_chain(&self.inner.store, &archives, target.to_path_buf(), limits)
+                .await;
+        // Every scratch file goes, whatever failed; the first removal error is reported.
+        let removed = archives
+            .iter()
+            .map(|a| remove_if_exists(&a.spool))
+            .fold(Ok(()), Result::and);
+        match outcome.downloaded {
+            Some(Ok(bytes)) => crate::metrics::downloaded(bytes),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+        let fingerprint = outcome
+            .unpacked
+            .map_err(LayerError::Join)?
+            .map_err(|source| LayerError::Unpack {
                 id: id.clone(),
-                key: blob_key(&entry.digest),
+                key: archives[outcome.at.min(archives.len() - 1)].key.clone(),
                 path: target.to_path_buf(),
                 source: Box::new(source),
-            })
-        }
-        .await;
-        for (_, spool) in &archives {
-            remove_if_exists(spool)?;
-        }
-        let fingerprint = unpacked?;
+            })?;
+        removed?;
         self.restored(id, target, entry, current, &fingerprint)
             .await?;
         tracing::info!(%id, digest = %entry.digest, seq = entry.seq, archives = archives.len(),

@@ -37,6 +37,11 @@ pub(super) struct Counting {
     /// Written (key, bytes) just before the next GET of a manifest is served (a sync
     /// elsewhere publishing while `gc` reads the manifests).
     pub(super) put_before_manifest_get: std::sync::Mutex<Option<(String, Vec<u8>)>>,
+    /// Downloads of these keys wait (up to 5 s) until a subdirectory of the dir holds an
+    /// entry of the name: an extraction into a staging dir there has reached it.
+    pub(super) hold_downloads: std::sync::Mutex<Option<(Vec<String>, PathBuf, String)>>,
+    /// A held download gave up waiting.
+    pub(super) hold_timed_out: AtomicBool,
 }
 
 impl Counting {
@@ -52,6 +57,8 @@ impl Counting {
             fail_next_upload: AtomicBool::new(false),
             vanish_after_existing_upload: AtomicBool::new(false),
             put_before_manifest_get: std::sync::Mutex::new(None),
+            hold_downloads: std::sync::Mutex::new(None),
+            hold_timed_out: AtomicBool::new(false),
         })
     }
 }
@@ -93,6 +100,22 @@ impl ObjectStore for Counting {
         dest: &Path,
         progress: Option<Progress>,
     ) -> StoreResult<u64> {
+        let hold = self.hold_downloads.lock().unwrap().clone();
+        if let Some((_, dir, name)) = hold.filter(|(keys, ..)| keys.iter().any(|k| k == key)) {
+            let reached = || {
+                std::fs::read_dir(&dir)
+                    .unwrap()
+                    .any(|e| e.unwrap().path().join(&name).exists())
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !reached() {
+                if std::time::Instant::now() > deadline {
+                    self.hold_timed_out.store(true, Ordering::SeqCst);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         self.inner.download_to_file(key, dest, progress).await
     }
     async fn upload_file(
