@@ -48,28 +48,37 @@ ckpt() { "$ZLAYER_BIN" --config "$ZL_CONFIG" checkpoint ck --namespace "$BENCH_N
 first=$(ckpt)
 log "first checkpoint: $first"
 out=$BENCH_DIR/checkpoints.jsonl
+fails=$BENCH_DIR/failures.txt
+: >"$fails"
 for (( r = 1; r <= N; r++ )); do
     sleep 1
     t0=$(now_ns)
-    ckpt | tr -d '\n' >>"$out"
-    echo " $(( ($(now_ns) - t0) / 1000000 ))" >>"$out"
+    # A checkpoint over its budget fails (thawed, nothing published): counted, not fatal.
+    if reply=$(ckpt 2>>"$fails"); then
+        printf '%s %s\n' "$(tr -d '\n' <<<"$reply")" "$(( ($(now_ns) - t0) / 1000000 ))" >>"$out"
+    else
+        echo "FAILED" >>"$fails"
+    fi
 done
-python3 - "$out" "$BUDGET_MS" "$FILES" <<'PY'
+python3 - "$out" "$BUDGET_MS" "$FILES" "$(grep -c '^FAILED$' "$fails")" "$N" <<'PY'
 import json, sys
 rows = []
 for line in open(sys.argv[1]):
     body, wall = line.rsplit(" ", 1)
     rows.append((json.loads(body), int(wall)))
-pauses = sorted(r["pause_us"] / 1000 for r, _ in rows)
+budget = float(sys.argv[2])
+failed = int(sys.argv[4])
+# A failed attempt held the container up to the budget: counted at the budget.
+pauses = sorted([r["pause_us"] / 1000 for r, _ in rows] + [budget] * failed)
 bytes_ = sorted(int(r["bytes"]) for r, _ in rows)
 walls = sorted(w for _, w in rows)
 def pct(v, p):
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-budget = float(sys.argv[2])
-print(f"checkpoints: {len(rows)} on a {sys.argv[3]}-file upper, ~100 files rewritten per second")
-print(f"pause ms: p50 {pct(pauses, 50):.1f}, p99 {pct(pauses, 99):.1f}, max {pauses[-1]:.1f} (budget {budget:.0f})")
-print(f"bytes per checkpoint: p50 {pct(bytes_, 50)}, max {bytes_[-1]}")
-print(f"checkpoint wall time ms (CLI call, both passes and the upload): p50 {pct(walls, 50)}, max {walls[-1]}")
-ok = pct(pauses, 99) <= 200
-print(f"{'PASS' if ok else 'FAIL'}  pause p99 <= 200 ms")
+print(f"checkpoints: {len(rows)} durable, {failed} over the budget, of {sys.argv[5]} on a {sys.argv[3]}-file upper, ~100 files rewritten per second")
+print(f"pause ms: p50 {pct(pauses, 50):.1f}, p99 {pct(pauses, 99):.1f}, max {pauses[-1]:.1f} (budget {budget:.0f}; failed attempts counted at the budget)")
+if bytes_:
+    print(f"bytes per checkpoint: p50 {pct(bytes_, 50)}, max {bytes_[-1]}")
+    print(f"checkpoint wall time ms (CLI call, both passes and the upload): p50 {pct(walls, 50)}, max {walls[-1]}")
+ok = failed == 0 and pct(pauses, 99) <= 200
+print(f"{'PASS' if ok else 'FAIL'}  pause p99 <= 200 ms with every checkpoint durable")
 PY

@@ -39,8 +39,12 @@ pub trait Quiesce: Send + Sync {
 /// Writers held still by [`Quiesce::pause`]. Dropping it must resume them too (a checkpoint
 /// cancelled mid-pause never leaves them paused).
 pub trait Paused: Send {
-    /// Blocking. Lets the writers go again (a no-op for writers someone else had paused).
-    fn resume(self: Box<Self>) -> std::result::Result<(), QuiesceError>;
+    /// When the writers began to be stopped: the pause budget runs from here (bookkeeping
+    /// done before it, such as recording the pause durably, is not the writers' time).
+    fn since(&self) -> Instant;
+    /// Blocking. Lets the writers go again (a no-op for writers someone else had paused) and
+    /// says how long they were held (zero for writers someone else had paused).
+    fn resume(self: Box<Self>) -> std::result::Result<Duration, QuiesceError>;
 }
 
 /// How to take a checkpoint.
@@ -210,7 +214,6 @@ impl LayerSyncManager {
             live: false,
         };
         let index = first.captured.index.clone();
-        let asked = Instant::now();
         let paused = blocking(move || quiesce.pause(budget))
             .await?
             .map_err(|source| LayerError::Quiesce {
@@ -228,10 +231,14 @@ impl LayerSyncManager {
                 archive::Capture::Delta(&index),
             )
         });
-        let left = budget.saturating_sub(asked.elapsed());
+        let since = paused.since();
+        let left = budget.saturating_sub(since.elapsed());
         let packed = tokio::time::timeout(left, &mut job).await;
         let resumed = blocking(move || paused.resume()).await;
-        let paused_for = asked.elapsed();
+        let paused_for = match &resumed {
+            Ok(Ok(held)) => *held,
+            _ => since.elapsed(),
+        };
         let packed = match packed {
             Ok(joined) => joined.map_err(LayerError::Join)?,
             Err(_) => {
@@ -254,7 +261,7 @@ impl LayerSyncManager {
             source,
         });
         let captured = match (packed, resumed) {
-            (Ok(c), Ok(())) => c,
+            (Ok(c), Ok(_)) => c,
             (Err(source), _) => {
                 remove_if_exists(&spool)?;
                 return Err(LayerError::Pack {

@@ -108,7 +108,11 @@ struct Pauser {
     resumed: AtomicBool,
 }
 
-struct Held(Arc<(Mutex<Gate>, Condvar)>, Option<Arc<Pauser>>);
+struct Held(
+    Arc<(Mutex<Gate>, Condvar)>,
+    Option<Arc<Pauser>>,
+    std::time::Instant,
+);
 
 impl Held {
     fn release(&mut self) {
@@ -122,9 +126,13 @@ impl Held {
 }
 
 impl Paused for Held {
-    fn resume(mut self: Box<Self>) -> Result<(), QuiesceError> {
+    fn since(&self) -> std::time::Instant {
+        self.2
+    }
+
+    fn resume(mut self: Box<Self>) -> Result<Duration, QuiesceError> {
         self.release();
-        Ok(())
+        Ok(self.2.elapsed())
     }
 }
 
@@ -139,6 +147,7 @@ struct PauserRef(Arc<Pauser>);
 impl Quiesce for PauserRef {
     fn pause(&self, _budget: Duration) -> Result<Box<dyn Paused>, QuiesceError> {
         let p = &self.0;
+        let asked = std::time::Instant::now();
         let (lock, cv) = &*p.gate;
         let mut st = lock.lock().unwrap();
         st.pause_asked = true;
@@ -155,7 +164,7 @@ impl Quiesce for PauserRef {
         drop(st);
         std::thread::sleep(p.delay);
         *p.seen.lock().unwrap() = Some(describe_tree(&p.root));
-        Ok(Box::new(Held(p.gate.clone(), Some(p.clone()))))
+        Ok(Box::new(Held(p.gate.clone(), Some(p.clone()), asked)))
     }
 }
 

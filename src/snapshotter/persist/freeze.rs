@@ -4,7 +4,7 @@
 //! captured as it is and never thawed.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::layer::{Paused, Quiesce, QuiesceError};
 use crate::sys::freezer::{FreezeState, Freezer, FrozenGuard};
@@ -60,6 +60,7 @@ impl Quiesce for CgroupPause {
     fn pause(&self, budget: Duration) -> std::result::Result<Box<dyn Paused>, QuiesceError> {
         // A container the user paused is already still: capture it as it is, never thaw it.
         if self.freezer.state()? == FreezeState::Frozen {
+            let since = Instant::now();
             let guard = self.freezer.freeze(budget)?;
             if guard.already_frozen() {
                 *self
@@ -69,6 +70,7 @@ impl Quiesce for CgroupPause {
                 return Ok(Box::new(Frozen {
                     guard: Some(guard),
                     owner: None,
+                    since,
                 }));
             }
             // Thawed between the two looks: ours now, so recorded like any freeze of ours.
@@ -79,6 +81,7 @@ impl Quiesce for CgroupPause {
         write_db(&att.db, "record a freeze", |c| {
             checkpoint_db::mark_frozen(c, &cgroup, &self.key, now_ns())
         })?;
+        let since = Instant::now();
         match self.freezer.freeze(budget) {
             Ok(guard) => {
                 let user = guard.already_frozen();
@@ -86,15 +89,19 @@ impl Quiesce for CgroupPause {
                     .paused_at
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((now_ns(), user));
-                if user {
+                let owner = if user {
                     self.unmark();
-                }
-                Ok(Box::new(Frozen {
-                    guard: Some(guard),
-                    owner: Some(CgroupMark {
+                    None
+                } else {
+                    Some(CgroupMark {
                         persistence: Arc::clone(&self.persistence),
                         cgroup,
-                    }),
+                    })
+                };
+                Ok(Box::new(Frozen {
+                    guard: Some(guard),
+                    owner,
+                    since,
                 }))
             }
             Err(e) => {
@@ -112,17 +119,27 @@ struct CgroupMark {
     cgroup: String,
 }
 
+/// A freeze in force: `owner` is set when it is ours to thaw (and forget).
 struct Frozen {
     guard: Option<FrozenGuard>,
     owner: Option<CgroupMark>,
+    /// When the freeze was asked for.
+    since: Instant,
 }
 
 impl Frozen {
-    fn release(&mut self) -> std::result::Result<(), QuiesceError> {
+    /// Thaws (unless the user's pause) and then forgets the record; returns how long the
+    /// container was held by us.
+    fn release(&mut self) -> std::result::Result<Duration, QuiesceError> {
         let Some(guard) = self.guard.take() else {
-            return Ok(());
+            return Ok(Duration::ZERO);
         };
         guard.thaw()?;
+        let held = if self.owner.is_some() {
+            self.since.elapsed()
+        } else {
+            Duration::ZERO
+        };
         if let Some(mark) = self.owner.take()
             && let Ok(att) = mark.persistence.attached()
             && let Err(e) = write_db(&att.db, "forget a freeze", |c| {
@@ -131,12 +148,16 @@ impl Frozen {
         {
             tracing::warn!(cgroup = mark.cgroup, error = %error_chain(&e), "cannot forget a freeze (the next start thaws it again, harmlessly)");
         }
-        Ok(())
+        Ok(held)
     }
 }
 
 impl Paused for Frozen {
-    fn resume(mut self: Box<Self>) -> std::result::Result<(), QuiesceError> {
+    fn since(&self) -> Instant {
+        self.since
+    }
+
+    fn resume(mut self: Box<Self>) -> std::result::Result<Duration, QuiesceError> {
         self.release()
     }
 }
