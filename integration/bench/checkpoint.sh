@@ -9,6 +9,11 @@
 # Env: ZLAYER_BIN (skip the build), GARAGE_BIN, BENCH_FILES (10000), BENCH_BUDGET_MS (200).
 # Prints the pause's p50 / p99 / max and the bytes per checkpoint. Target: pause p99 ≤ 200 ms.
 # No baseline ratio: the target is an absolute bound on the time the container is frozen.
+#
+# Phase 2 (BENCH_BIG_FILES, default 5000, of 100 KiB random bytes: ≥ 500 MB; 0 skips it): a
+# second container's first checkpoint captures its whole upper (the baseline, in the same run);
+# then 1 % of its files are rewritten and the next checkpoint's bytes and time are compared with
+# it. Targets: ≤ 3 % of the bytes, ≤ 10 % of the time.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -60,7 +65,7 @@ for (( r = 1; r <= N; r++ )); do
         echo "FAILED" >>"$fails"
     fi
 done
-python3 - "$out" "$BUDGET_MS" "$FILES" "$(grep -c '^FAILED$' "$fails")" "$N" <<'PY'
+summary=$(python3 - "$out" "$BUDGET_MS" "$FILES" "$(grep -c '^FAILED$' "$fails")" "$N" <<'PY'
 import json, sys
 rows = []
 for line in open(sys.argv[1]):
@@ -82,3 +87,45 @@ if bytes_:
 ok = failed == 0 and pct(pauses, 99) <= 200
 print(f"{'PASS' if ok else 'FAIL'}  pause p99 <= 200 ms with every checkpoint durable")
 PY
+)
+echo "$summary"
+
+BIG=${BENCH_BIG_FILES:-5000}
+if (( BIG > 0 )); then
+    ctr_ tasks kill -s SIGKILL ck >/dev/null 2>&1 || true
+    big=$BENCH_DIR/big
+    mkdir -p "$big"
+    bdirs=$(( (BIG + 99) / 100 ))
+    change=$(( BIG / 100 ))
+    bscript="mkdir -p /big; i=0
+while [ \$i -lt $bdirs ]; do mkdir /big/d\$i; j=0
+  while [ \$j -lt 100 ]; do dd if=/dev/urandom of=/big/d\$i/f\$j bs=100k count=1 2>/dev/null; j=\$((j+1)); done
+  i=\$((i+1)); done
+echo > /zl-in/ready
+while [ ! -e /zl-in/change ]; do sleep 0.1; done
+k=0
+while [ \$k -lt $change ]; do dd if=/dev/urandom of=/big/d\$((k % $bdirs))/f\$((k / $bdirs)) bs=100k count=1 2>/dev/null; k=\$((k+1)); done
+echo > /zl-in/changed
+sleep 1000000"
+    ctr_ run -d --snapshotter zlayer --label zlayer.id=bench/big \
+        --mount "type=bind,src=$big,dst=/zl-in,options=rbind:rw" \
+        "$IMAGE_REF" big /bin/sh -c "$bscript" >/dev/null
+    wait_for 900 "the big container to write $BIG files" test -e "$big/ready"
+    sync
+    bckpt() { "$ZLAYER_BIN" --config "$ZL_CONFIG" checkpoint big --namespace "$BENCH_NS" --json; }
+    t0=$(now_ns); full=$(bckpt); t_full=$(( ($(now_ns) - t0) / 1000000 ))
+    touch "$big/change"
+    wait_for 300 "the big container to rewrite $change files" test -e "$big/changed"
+    t0=$(now_ns); delta=$(bckpt); t_delta=$(( ($(now_ns) - t0) / 1000000 ))
+    python3 - "$full" "$delta" "$t_full" "$t_delta" "$BIG" "$change" <<'PY'
+import json, sys
+full, delta = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+tf, td = int(sys.argv[3]), int(sys.argv[4])
+fb, db = int(full["bytes"]), int(delta["bytes"])
+print(f"big upper: {sys.argv[5]} files of 100 KiB; first checkpoint {fb} bytes in {tf} ms (pause {full['pause_us']/1000:.1f} ms)")
+print(f"after {sys.argv[6]} files (1 %) were rewritten: {db} bytes in {td} ms (pause {delta['pause_us']/1000:.1f} ms)")
+rb, rt = db / fb, td / tf
+print(f"{'PASS' if rb <= 0.03 else 'FAIL'}  checkpoint bytes / full {rb:.2%} (<= 3 %)")
+print(f"{'PASS' if rt <= 0.10 else 'FAIL'}  checkpoint time / full {rt:.2%} (<= 10 %)")
+PY
+fi

@@ -242,8 +242,15 @@ impl LayerSyncManager {
         let packed = match packed {
             Ok(joined) => joined.map_err(LayerError::Join)?,
             Err(_) => {
-                // The pack may still be reading the (now running) tree: let it end, drop it.
-                let _ = job.await;
+                // The pack may still be reading the (now running) tree: let it end, drop it,
+                // and say what it was up against (what an operator tunes the budget by).
+                let late = job.await;
+                if let Ok(Ok(c)) = &late {
+                    tracing::warn!(%id, budget_ms = budget.as_millis() as u64,
+                        pass_ms = since.elapsed().as_millis() as u64, delta = ?c.delta,
+                        compressed = c.stats.compressed_size,
+                        "frozen pass overran the pause budget");
+                }
                 remove_if_exists(&spool)?;
                 resumed?.map_err(|source| LayerError::Resume {
                     id: id.clone(),
@@ -276,6 +283,8 @@ impl LayerSyncManager {
             }
         };
         let empty = captured.delta == Some((0, 0));
+        tracing::debug!(%id, paused_ms = paused_for.as_secs_f64() * 1e3, delta = ?captured.delta,
+            compressed = captured.stats.compressed_size, "frozen pass packed");
         Ok((
             Pass {
                 spool,
