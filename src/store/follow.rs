@@ -128,6 +128,17 @@ impl Read for FollowReader {
     }
 }
 
+/// Reads `reader` to its end on a thread of its own (a test's extraction stand-in).
+#[cfg(test)]
+pub(crate) fn read_to_end_in_thread(
+    mut reader: FollowReader,
+) -> std::thread::JoinHandle<io::Result<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).map(|_| out)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,12 +149,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool");
         let follow = Arc::new(Follow::default());
-        let reader = FollowReader::new(path.clone(), Arc::clone(&follow));
-        let t = std::thread::spawn(move || {
-            let mut r = reader;
-            let mut out = Vec::new();
-            r.read_to_end(&mut out).map(|_| out)
-        });
+        let t = read_to_end_in_thread(FollowReader::new(path.clone(), Arc::clone(&follow)));
         let mut f = File::create(&path).unwrap();
         f.set_len(10).unwrap();
         // Bytes beyond the ready prefix are in the file but must not be read yet.

@@ -6,6 +6,8 @@
 //! (Linux maps `flock` to POSIX locks on NFS). Names starting with `.zlayer-` are reserved for
 //! temp and lock files and never listed.
 
+mod following;
+
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,8 +17,8 @@ use sha2::{Digest, Sha256};
 
 use super::error::Result;
 use super::{
-    ListedObject, ObjectInfo, ObjectStore, Progress, PutCondition, PutOutcome, StoreError,
-    UploadJournal, UploadReport, keys_of, normalize_prefix, validate_key,
+    ListedObject, ObjectInfo, ObjectStore, PrefixReady, Progress, PutCondition, PutOutcome,
+    StoreError, UploadJournal, UploadReport, keys_of, normalize_prefix, validate_key,
 };
 use crate::config::LayerStorageConfig;
 use crate::sys::private;
@@ -385,6 +387,19 @@ impl ObjectStore for LocalStore {
             copy_synced(&src, out, &dest, progress.as_ref())
         })
         .await
+    }
+
+    /// Copies in chunks that the reader follows, without fsyncing the scratch file.
+    async fn download_following(
+        &self,
+        key: &str,
+        dest: &Path,
+        ready: PrefixReady,
+        progress: Option<Progress>,
+    ) -> Result<u64> {
+        let src = self.path_of(key)?;
+        let location = self.describe() + "/" + key;
+        following::download(src, dest.to_path_buf(), location, ready, progress).await
     }
 
     async fn upload_file(
