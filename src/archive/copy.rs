@@ -4,11 +4,12 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
+use super::decode::ChannelReader;
 use super::error::{ArchiveError, Result};
-use super::extract::check_target;
 use super::pack::write_tree;
+use super::target::check_target;
 use super::tarout::TarOut;
-use super::unpack::{ChannelReader, SourceReader, extract_into_target};
+use super::unpack::{SourceReader, extract_into_target};
 use super::{UnpackOptions, UnpackStats};
 
 /// The tar writer's end of the channel; reuses the chunks the reader hands back.

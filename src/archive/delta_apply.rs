@@ -20,10 +20,12 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
+use super::decode::apply_verified;
 use super::error::{ArchiveError, Result, extract_err, io_err};
-use super::extract::{Extractor, Meta, Staging, check_target, os};
+use super::extract::{Extractor, Meta, os};
+use super::target::{Staging, check_target};
 use super::tarout::Progress;
-use super::unpack::{apply_verified, parse_digest};
+use super::unpack::parse_digest;
 use super::{UnpackOptions, UnpackStats, XattrNs, xattr};
 
 /// Replace-mode bookkeeping of one delta being applied.

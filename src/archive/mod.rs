@@ -30,6 +30,7 @@
 //! are skipped), so they stay sparse.
 
 mod copy;
+mod decode;
 mod delta;
 mod delta_apply;
 mod error;
@@ -37,6 +38,7 @@ mod extract;
 mod fingerprint;
 mod index;
 mod pack;
+mod target;
 mod tarout;
 mod unpack;
 mod walk;
@@ -265,7 +267,7 @@ pub fn unpack_file(
     opts: &UnpackOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<UnpackStats> {
-    unpack::unpack_file(spool, expected_digest, target, opts, progress)
+    decode::unpack_file(spool, expected_digest, target, opts, progress)
 }
 
 /// Restores the compressed archive read from `src` into `target` in a single pass: extracts
@@ -282,7 +284,7 @@ pub fn unpack_reader<R: std::io::Read + Send>(
     opts: &UnpackOptions,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<UnpackStats> {
-    unpack::unpack_reader(
+    decode::unpack_reader(
         src,
         name,
         compressed_size,

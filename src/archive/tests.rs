@@ -1020,7 +1020,7 @@ fn large_files_stream_with_bounded_buffers() {
 /// writes the name back before returning (absent target: rename; empty target: exchange).
 #[test]
 fn restores_are_durable_before_they_are_swapped_in() {
-    use super::extract::durability::{self, Op};
+    use super::target::durability::{self, Op};
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir_all(src.join("d")).unwrap();
