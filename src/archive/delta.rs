@@ -221,7 +221,7 @@ fn write_delta<W: Write>(
     let mut gone = gone.iter().peekable();
     let mut links = HashMap::new();
     let mut walker = Walker::live(upper, live);
-    // What this walk found, for the removals of a live tree.
+    // What this walk found, for the removals of a live tree (kept only in a live walk).
     let mut seen: Now = HashMap::new();
     // Directories written in this delta: their opaque marker goes with them.
     let mut written_dirs: HashSet<Vec<u8>> = HashSet::new();
@@ -271,7 +271,8 @@ fn write_delta<W: Write>(
                 let changed =
                     prev.changed(&item.tar_path, &token) || relinked.contains(&item.tar_path);
                 if !changed {
-                    if !is_dir || write_node(&mut walker, &item, out, &mut links, false)? {
+                    let listed = !is_dir || write_node(&mut walker, &item, out, &mut links, false)?;
+                    if live && listed {
                         seen.insert(fs_path(&item.tar_path), is_dir);
                     }
                     continue;
@@ -286,7 +287,9 @@ fn write_delta<W: Write>(
                         continue;
                     }
                 }
-                seen.insert(fs_path(&item.tar_path), is_dir);
+                if live {
+                    seen.insert(fs_path(&item.tar_path), is_dir);
+                }
                 // What this entry replaces leaves the index: another kind at the same name,
                 // and a directory's subtree when a non-directory took its place.
                 for key in same_fs_keys(&item.tar_path) {

@@ -309,17 +309,7 @@ impl LayerSyncManager {
     ) -> Result<SyncOutcome> {
         let started_at = Utc::now();
         // The frozen pass's index describes the paused tree, whichever archive ends up current.
-        let Pass {
-            spool: second_spool,
-            captured: second_captured,
-            empty: second_empty,
-        } = second;
-        let index = second_captured.index.clone();
-        let second = Pass {
-            spool: second_spool,
-            captured: second_captured,
-            empty: second_empty,
-        };
+        let index = second.captured.index.clone();
         // A full first pass equal to the current version: the frozen delta sits on that version.
         let chain_below_first = if first.captured.delta.is_some() {
             plan_chain

@@ -392,9 +392,6 @@ impl Persistence {
                 tick = tick.min(ns_between(now, due_at));
                 continue;
             }
-            if interval.is_zero() {
-                continue;
-            }
             tick = tick.min(interval);
             self.start_checkpoint(key, identity);
         }

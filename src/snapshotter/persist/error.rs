@@ -128,7 +128,7 @@ pub enum PersistError {
     State(#[source] crate::state::StateError),
     #[error("snapshot metadata")]
     Meta(#[source] Box<crate::snapshotter::SnapshotError>),
-    #[error("no snapshot to flush for {target}: not held by this node's snapshotter")]
+    #[error("no persisted snapshot of {target} is held by this node's snapshotter")]
     FlushTargetNotFound { target: String },
     #[error(
         "container {namespace}/{container} is running (task {status}); its upper dir is changing, \
