@@ -82,7 +82,7 @@ fn step(host_dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// (A, B, d/f if present) of a restored upper.
+/// (A, B, d/f if present and written) of a restored upper.
 fn restored_state(upper: &Path) -> (u64, u64, Option<u64>) {
     let num = |rel: &str| -> Option<u64> {
         fs::read_to_string(upper.join(rel)).ok().map(|s| {
@@ -93,7 +93,13 @@ fn restored_state(upper: &Path) -> (u64, u64, Option<u64>) {
     };
     let a = num("data/A").expect("restored upper has data/A");
     let b = num("data/B").expect("restored upper has data/B");
-    (a, b, num("data/d/f"))
+    // d/f is written in place right after d is made: an instant between its creation and the
+    // write finds it empty, which is d not yet complete (A and B are renamed into place).
+    let f = fs::read_to_string(upper.join("data/d/f"))
+        .is_ok_and(|s| !s.is_empty())
+        .then(|| num("data/d/f"))
+        .flatten();
+    (a, b, f)
 }
 
 /// B = A or B = A − 1, and d/f (when d is complete) from the last 5-step boundary at or

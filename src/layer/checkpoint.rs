@@ -239,6 +239,11 @@ impl LayerSyncManager {
             Ok(Ok(held)) => *held,
             _ => since.elapsed(),
         };
+        let overran = || LayerError::PauseBudget {
+            id: id.clone(),
+            path: upper.to_path_buf(),
+            budget_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+        };
         let packed = match packed {
             Ok(joined) => joined.map_err(LayerError::Join)?,
             Err(_) => {
@@ -256,11 +261,7 @@ impl LayerSyncManager {
                     id: id.clone(),
                     source,
                 })?;
-                return Err(LayerError::PauseBudget {
-                    id: id.clone(),
-                    path: upper.to_path_buf(),
-                    budget_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
-                });
+                return Err(overran());
             }
         };
         let resumed = resumed?.map_err(|source| LayerError::Resume {
@@ -282,6 +283,14 @@ impl LayerSyncManager {
                 return Err(e);
             }
         };
+        // The timer that bounds the pass fires late on a loaded runtime, and the thaw itself
+        // takes time: a pause that still ended up over the budget publishes nothing either.
+        if paused_for > budget {
+            tracing::warn!(%id, budget_ms = budget.as_millis() as u64,
+                paused_ms = paused_for.as_secs_f64() * 1e3, "frozen pass ended past the pause budget");
+            remove_if_exists(&spool)?;
+            return Err(overran());
+        }
         let empty = captured.delta == Some((0, 0));
         tracing::debug!(%id, paused_ms = paused_for.as_secs_f64() * 1e3, delta = ?captured.delta,
             compressed = captured.stats.compressed_size, "frozen pass packed");
